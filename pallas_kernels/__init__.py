@@ -1,0 +1,6 @@
+"""Attention kernels over the paged KV cache, each beside its pure-jnp reference."""
+
+from pallas_kernels.kv_cache import init_kv_cache, write_kv
+from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
+
+__all__ = ["init_kv_cache", "write_kv", "ragged_paged_attention_reference"]
