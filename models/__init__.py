@@ -1,0 +1,12 @@
+"""Flax models of the Llama family, loaded from Hugging Face checkpoints."""
+
+from models.attention_metadata import AttentionMetadata
+from models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from models.llama import CausalLM
+from models.loader import load_model, restore_params, save_hf_checkpoint, save_params
+from models.presets import PRESETS, preset_config, random_model
+
+__all__ = [
+    "AttentionMetadata", "CausalLM", "ModelConfig", "PRESETS", "RopeScaling", "SUPPORTED_ARCHITECTURES",
+    "load_model", "preset_config", "random_model", "restore_params", "save_hf_checkpoint", "save_params",
+]

@@ -1,0 +1,158 @@
+"""ModelConfig: the one description of a decoder-only model, parsed from a Hugging Face
+`config.json`. Llama, Mistral, Qwen2 and Qwen3 are the same network with a few switches
+(qkv bias, q/k norm, sliding window, explicit head_dim); this file is where those switches
+are read, so the model code never looks at `architectures`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# architecture -> the switches that differ between families.
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"qkv_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # Per layer: None for full attention, else the window in tokens.
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError(
+                f"{len(self.sliding_windows)} layer types for {self.num_layers} layers"
+            )
+
+    @property
+    def sm_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in {model_dir}: expected a Hugging Face checkpoint directory")
+        return cls.from_hf_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in _FAMILIES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or '(none given)'} in config.json; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        family = _FAMILIES[arch]
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' is supported")
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        num_layers = hf["num_hidden_layers"]
+        rope_theta, scaling = _parse_rope(hf)
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=family.get("qkv_bias", False) or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=family.get("qk_norm", False),
+            sliding_windows=_parse_sliding_windows(hf, arch, num_layers),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
+        )
+
+
+def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
+    # transformers >= 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    scaling = dict(hf.get("rope_scaling") or {}) or params
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    fields = {f.name for f in dataclasses.fields(RopeScaling)}
+    kwargs = {k: v for k, v in scaling.items() if k in fields and v is not None}
+    kwargs["rope_type"] = rope_type
+    return float(theta), RopeScaling(**kwargs)
+
+
+def _parse_sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if layer_types:  # transformers >= 4.53 spells it out per layer
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if window is None:
+        return (None,) * num_layers
+    if arch == "MistralForCausalLM":
+        return (window,) * num_layers
+    # Qwen2/3: only with use_sliding_window, and only from layer max_window_layers on.
+    if not hf.get("use_sliding_window", False):
+        return (None,) * num_layers
+    first = hf.get("max_window_layers", num_layers)
+    return tuple(window if i >= first else None for i in range(num_layers))
