@@ -53,7 +53,7 @@ def load_model(
                 f"expected {var.get_value().shape} from config.json"
             )
         # astype on the mapped view copies just this tensor; device_put frees it after.
-        leaves.append(var.replace(jax.device_put(np.asarray(ckpt[name]).astype(dtype), sharding)))
+        leaves.append(var.replace(jax.device_put(np.asarray(ckpt[name]).astype(dtype, copy=False), sharding)))
     state = nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves)])
     return nnx.merge(graphdef, state)
 

@@ -1,0 +1,18 @@
+"""jaxengine: a JAX/XLA LLM inference engine (paged KV cache, continuous batching,
+prefix caching, chunked prefill).
+
+    import jaxengine
+    outs = jaxengine.generate(["def fibonacci(n):"], jaxengine.SamplingParams(max_tokens=64))
+"""
+
+from jaxengine.async_engine import AsyncEngine
+from jaxengine.config import EngineConfig
+from jaxengine.engine import Engine
+from jaxengine.llm import LLM, generate
+from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
+from jaxengine.sampling_params import SamplingParams
+
+__all__ = [
+    "AsyncEngine", "CompletionOutput", "Engine", "EngineConfig", "LLM", "Logprob", "OutputKind",
+    "RequestMetrics", "RequestOutput", "SamplingParams", "generate",
+]

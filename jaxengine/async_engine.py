@@ -1,0 +1,154 @@
+"""AsyncEngine: the Engine driven from its own thread, with asyncio streams per request.
+
+All engine calls happen on the engine thread; callers talk to it through an inbox of
+commands (add/abort), so the asyncio loop (e.g. the gRPC server) never blocks on a step and
+the engine never waits on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jaxengine.config import EngineConfig
+from jaxengine.engine import Engine
+from jaxengine.outputs import OutputKind, RequestOutput
+from jaxengine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine | EngineConfig):
+        self.engine = engine if isinstance(engine, Engine) else Engine(engine)
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="jaxengine-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **engine_args: Any) -> "AsyncEngine":
+        return cls(EngineConfig.from_kwargs(model, **engine_args))
+
+    # ------------------------------------------------------------------ callers (any thread / loop)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        output_kind: OutputKind = OutputKind.DELTA,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Leaving the iteration early (or being cancelled)
+        aborts the request, which frees its KV blocks within a step."""
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("add", fut, (prompt, params, request_id, output_kind, priority, loop, stream)))
+        rid = await asyncio.wrap_future(fut)  # ValueError for bad input, raised here
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", None, request_id))
+
+    def call(self, fn, *args):
+        """Run `fn(engine, *args)` on the engine thread (stats, tokenizer, ...); a Future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fut, (fn, args)))
+        return fut
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._stopped.set()
+        self._inbox.put(("wake", None, None))
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _handle(self, cmd: str, fut, arg) -> None:
+        engine = self.engine
+        if cmd == "add":
+            prompt, params, rid, kind, prio, loop, stream = arg
+            try:
+                rid = engine.add_request(prompt, params, request_id=rid, output_kind=kind, priority=prio)
+            except Exception as e:  # bad input: the caller gets it, the engine goes on
+                fut.set_exception(e)
+                return
+            self._streams[rid] = (loop, stream)
+            fut.set_result(rid)
+        elif cmd == "abort":
+            if arg in self._streams:
+                engine.abort_request(arg)
+        elif cmd == "call":
+            fn, args = arg
+            try:
+                fut.set_result(fn(engine, *args))
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _send(self, rid: str, item) -> None:
+        entry = self._streams.get(rid)
+        if entry is None:
+            return
+        loop, stream = entry
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[rid]
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stopped.is_set():
+            block = not engine.has_unfinished_requests()
+            try:
+                while True:
+                    cmd, fut, arg = self._inbox.get(block=block, timeout=0.5 if block else None)
+                    self._handle(cmd, fut, arg)
+                    block = False
+            except queue.Empty:
+                pass
+            if not engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # fail the requests in flight, keep serving new ones
+                log.exception("engine step failed")
+                rids = list(self._streams)
+                engine.abort_request(rids)
+                engine.step()
+                for rid in rids:
+                    self._send(rid, EngineDeadError(f"engine step failed: {e!r}"))
+                continue
+            for out in outputs:
+                self._send(out.request_id, out)
+        for rid in list(self._streams):
+            self._send(rid, EngineDeadError("engine shut down"))

@@ -1,0 +1,55 @@
+"""EngineConfig: the engine arguments a user sets (vLLM's names and, where sensible, defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def default_model_dir() -> Path:
+    """The small code model shipped inside the package (see jaxengine/default_model/README.md)."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str = ""  # checkpoint dir, or a preset name (random weights) from models.PRESETS
+    tokenizer: str | None = None  # default: the model dir
+    dtype: str = "auto"  # auto: the checkpoint's torch_dtype (bf16 for presets)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    # Where the device has no memory statistics (CPU): a fixed KV-cache budget.
+    kv_cache_bytes: int = 256 << 20
+    num_kv_blocks: int | None = None  # override the sizing (tests, benchmarks)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+    use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            self.model = str(default_model_dir())
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(model=model or "", **kwargs)

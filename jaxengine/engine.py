@@ -1,0 +1,324 @@
+"""Engine: the synchronous core loop (schedule -> run -> update -> detokenize -> outputs).
+
+    out = scheduler.schedule()
+    sampled = runner.execute(runner.prepare(out))
+    updated = scheduler.update(out, sampled)
+    outputs = deliver(updated)          # detokenize, stop strings, logprobs
+
+`LLM` drives it in a loop for offline batches; `AsyncEngine` drives it from a thread for
+streaming and the gRPC service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxengine.config import EngineConfig
+from jaxengine.detokenizer import IncrementalDetokenizer
+from jaxengine.kv_capacity import kv_bytes_per_token, num_blocks_for_budget
+from jaxengine.model_runner import ModelRunner
+from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
+from jaxengine.request import Request, RequestStatus
+from jaxengine.sampling_params import SamplingParams
+from jaxengine.scheduler import Scheduler, SchedulerConfig
+from jaxengine.tokenizer import apply_chat_template, load_tokenizer
+from models import PRESETS, CausalLM, ModelConfig, load_model, random_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass
+class _Sample:
+    """Host-side state of one of a request's n samples."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] | None = None
+    sent_tokens: int = 0  # DELTA bookkeeping
+    sent_text: int = 0
+    sent_logprobs: int = 0
+
+
+@dataclasses.dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    kind: OutputKind
+    samples: list[_Sample]
+    metrics: RequestMetrics
+    final_sent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.samples)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, model: CausalLM | None = None, tokenizer: Any = None, progress: bool = True):
+        self.config = config
+        self.model_config, model, self.tokenizer = self._load(config, model, tokenizer)
+        mcfg = self.model_config
+        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 8192)
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                f"{mcfg.max_position_embeddings}; lower max_model_len"
+            )
+        self.kv_dtype = jax.tree.leaves(model)[0].dtype
+        self.num_blocks = self._num_kv_blocks(model)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+            max_model_len=self.max_model_len, block_size=config.block_size, num_blocks=self.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching, policy=config.scheduling_policy,
+        ))
+        attention_fn = None
+        if config.use_pallas is not None:
+            import pallas_kernels
+
+            attention_fn = pallas_kernels.ragged_paged_attention if config.use_pallas else pallas_kernels.ragged_paged_attention_reference
+        self.runner = ModelRunner(
+            model, num_blocks=self.num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.scheduler.config.max_num_batched_tokens,
+            kv_dtype=self.kv_dtype, attention_fn=attention_fn,
+        )
+        self.compile_seconds = self.runner.warmup(progress)
+        self.eos_token_id = self._eos_token_id()
+        self._rng = random.Random(config.seed)
+        self._seeds: dict[str, int] = {}  # child request id -> sampling seed
+        self._states: dict[str, _RequestState] = {}
+        self._child_to_parent: dict[str, str] = {}
+        self._ids = itertools.count()
+        self._aborted: list[str] = []  # parents whose final output is still to be delivered
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _load(config: EngineConfig, model: CausalLM | None, tokenizer: Any):
+        if model is not None:
+            return model.config, model, tokenizer
+        if config.model in PRESETS:
+            dtype = _DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
+            model = random_model(config.model, dtype, seed=config.seed)
+            return model.config, model, tokenizer
+        mcfg = ModelConfig.from_pretrained(config.model)
+        name = config.dtype if config.dtype != "auto" else (mcfg.torch_dtype or "bfloat16")
+        if name not in _DTYPES:
+            name = "bfloat16"
+        model = load_model(config.model, _DTYPES[name])
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(config.tokenizer or config.model)
+            except (FileNotFoundError, ValueError, OSError) as e:
+                log.warning("no tokenizer (%s): token ids in and out only", e)
+        return mcfg, model, tokenizer
+
+    def _num_kv_blocks(self, model: CausalLM) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_token = kv_bytes_per_token(
+            num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads,
+            head_dim=self.model_config.head_dim, dtype=self.kv_dtype,
+        )
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            # Weights are resident already; leave headroom for activations of the largest
+            # step (about max_num_batched_tokens rows of the widest intermediate, float32).
+            act = 4 * cfg.max_num_batched_tokens * (self.model_config.intermediate_size * 3 + self.model_config.vocab_size // 8)
+            budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0) - act
+        else:
+            budget = cfg.kv_cache_bytes
+        return num_blocks_for_budget(int(budget), cfg.block_size, per_token)
+
+    def _eos_token_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else None
+
+    # ------------------------------------------------------------------ requests
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompt_token_ids instead of text")
+        return self.tokenizer.encode(prompt)
+
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so chat messages cannot be rendered")
+        return apply_chat_template(self.tokenizer, messages)
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request (text or token ids); returns its id. Raises ValueError for input
+        that can never run (empty, too long, bad token ids, bad sampling parameters)."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenize(prompt)
+        else:
+            text, ids = None, list(prompt or [])
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len={self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        root = Request(request_id, ids, params, arrival_time=arrival_time, priority=priority, eos_token_id=self.eos_token_id)
+        children = root.fan_out() if params.n > 1 else [root]
+        added = []
+        try:
+            for child in children:
+                self.scheduler.add_request(child)
+                added.append(child)
+        except ValueError:
+            self.scheduler.finish_requests([c.request_id for c in added])
+            raise
+        samples = []
+        for child in children:
+            seed = child.sampling_params.seed
+            self._seeds[child.request_id] = self._rng.getrandbits(32) if seed is None else seed
+            self._child_to_parent[child.request_id] = request_id
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                    stop=list(params.stop or []), include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            samples.append(_Sample(child, detok, logprobs=[] if params.logprobs is not None else None))
+        self._states[request_id] = _RequestState(
+            request_id, text, ids, params, output_kind, samples, RequestMetrics(root.arrival_time)
+        )
+        return request_id
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Abort at any time; blocks are freed now, a final output comes with the next step."""
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            state = self._states.get(rid)
+            if state is None:
+                continue
+            self.scheduler.finish_requests([s.request.request_id for s in state.samples], RequestStatus.FINISHED_ABORTED)
+            self._aborted.append(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled: dict[str, list[int]] = {}
+        result = None
+        if out.scheduled:
+            result = self.runner.execute(self.runner.prepare(out, self._seeds))
+            token_ids = np.asarray(result.token_ids)  # waits for the device
+            now = time.monotonic()
+            for i, s in enumerate(out.scheduled):
+                if s.sample:
+                    sampled[s.request.request_id] = [int(token_ids[i])]
+                state = self._states[self._child_to_parent[s.request.request_id]]
+                state.metrics.first_scheduled_time = state.metrics.first_scheduled_time or now
+        updated = self.scheduler.update(out, sampled)
+        rows = {s.request.request_id: i for i, s in enumerate(out.scheduled)}
+        touched: dict[str, _RequestState] = {}
+        host = None
+        if result is not None and any(self._states[self._child_to_parent[r.request_id]].params.logprobs is not None for r in updated):
+            host = jax.tree.map(np.asarray, result)
+        now = time.monotonic()
+        for req in updated:
+            state = self._states[self._child_to_parent[req.request_id]]
+            sample = state.samples[req.sample_index]
+            self._deliver_token(state, sample, req, host, rows[req.request_id])
+            state.metrics.first_token_time = state.metrics.first_token_time or now
+            touched[state.request_id] = state
+        for rid in self._aborted:
+            if rid in self._states:
+                touched[rid] = self._states[rid]
+        self._aborted.clear()
+        return [o for o in (self._make_output(st) for st in touched.values()) if o is not None]
+
+    def _deliver_token(self, state: _RequestState, sample: _Sample, req: Request, host, row: int) -> None:
+        tok = req.output_token_ids[-1]
+        if sample.detokenizer is not None:
+            _, stop = sample.detokenizer.update([tok])
+            if stop is not None and req.num_output_tokens >= state.params.min_tokens:
+                if not req.is_finished:
+                    self.scheduler.finish_requests(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+                else:
+                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if host is not None:
+            sample.cumulative_logprob += float(host.logprobs[row])
+            if sample.logprobs is not None:
+                entry = {tok: Logprob(float(host.logprobs[row]))}
+                for rank, (tid, lp) in enumerate(zip(host.top_ids[row][: state.params.logprobs], host.top_logprobs[row]), 1):
+                    entry.setdefault(int(tid), Logprob(float(lp), rank))
+                    if int(tid) == tok:
+                        entry[tok].rank = rank
+                sample.logprobs.append(entry)
+
+    def _make_output(self, state: _RequestState) -> RequestOutput | None:
+        finished = state.finished
+        if finished:
+            state.metrics.finished_time = time.monotonic()
+            del self._states[state.request_id]
+            for s in state.samples:
+                self._seeds.pop(s.request.request_id, None)
+                self._child_to_parent.pop(s.request.request_id, None)
+        if state.kind is OutputKind.FINAL_ONLY and not finished:
+            return None
+        outputs = []
+        for i, s in enumerate(state.samples):
+            req = s.request
+            text = s.detokenizer.output_text if s.detokenizer is not None else ""
+            ids, lps = req.output_token_ids, s.logprobs
+            if state.kind is OutputKind.DELTA:
+                text, ids = text[s.sent_text :], ids[s.sent_tokens :]
+                lps = None if lps is None else lps[s.sent_logprobs :]
+                s.sent_text += len(text)
+                s.sent_tokens += len(ids)
+                s.sent_logprobs += 0 if lps is None else len(lps)
+            outputs.append(CompletionOutput(
+                index=i, text=text, token_ids=list(ids),
+                cumulative_logprob=s.cumulative_logprob if state.params.logprobs is not None else None,
+                logprobs=lps, finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
+            ))
+        num_cached = max(s.request.num_cached_tokens for s in state.samples)
+        return RequestOutput(
+            state.request_id, state.prompt, state.prompt_token_ids, outputs, finished, state.metrics, max(num_cached, 0)
+        )
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, float]:
+        s = self.scheduler.make_stats()
+        return dataclasses.asdict(s)
