@@ -12,6 +12,7 @@ streaming and the gRPC service.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import random
@@ -97,6 +98,8 @@ class Engine:
             kv_dtype=self.kv_dtype, attention_fn=attention_fn,
         )
         self.compile_seconds = self.runner.warmup(progress)
+        gc.collect()
+        gc.freeze()  # start-up objects never need scanning again: no long GC pauses mid-run
         self.eos_token_id = self._eos_token_id()
         self._rng = random.Random(config.seed)
         self._seeds: dict[str, int] = {}  # child request id -> sampling seed
@@ -104,6 +107,9 @@ class Engine:
         self._child_to_parent: dict[str, str] = {}
         self._ids = itertools.count()
         self._aborted: list[str] = []  # parents whose final output is still to be delivered
+        # Host time (schedule, prepare, update, detokenize) vs time waiting for the device:
+        # in this synchronous loop the device idles while the host works.
+        self.timing = {"host_seconds": 0.0, "device_seconds": 0.0, "steps": 0}
 
     # ------------------------------------------------------------------ set-up
 
@@ -214,6 +220,7 @@ class Engine:
                 detok = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     stop=list(params.stop or []), include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_tokens,
                 )
             samples.append(_Sample(child, detok, logprobs=[] if params.logprobs is not None else None))
         self._states[request_id] = _RequestState(
@@ -228,6 +235,9 @@ class Engine:
             if state is None:
                 continue
             self.scheduler.finish_requests([s.request.request_id for s in state.samples], RequestStatus.FINISHED_ABORTED)
+            for s in state.samples:
+                if s.detokenizer is not None:
+                    s.detokenizer.flush()
             self._aborted.append(rid)
 
     def has_unfinished_requests(self) -> bool:
@@ -236,12 +246,20 @@ class Engine:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
+        t_start = time.perf_counter()
         out = self.scheduler.schedule()
         sampled: dict[str, list[int]] = {}
         result = None
         if out.scheduled:
-            result = self.runner.execute(self.runner.prepare(out, self._seeds))
+            inputs = self.runner.prepare(out, self._seeds)
+            t_dispatch = time.perf_counter()
+            result = self.runner.execute(inputs)
             token_ids = np.asarray(result.token_ids)  # waits for the device
+            t_ready = time.perf_counter()
+            self.timing["device_seconds"] += t_ready - t_dispatch
+            self.timing["host_seconds"] += t_dispatch - t_start
+            t_start = t_ready
+            self.timing["steps"] += 1
             now = time.monotonic()
             for i, s in enumerate(out.scheduled):
                 if s.sample:
@@ -265,17 +283,25 @@ class Engine:
             if rid in self._states:
                 touched[rid] = self._states[rid]
         self._aborted.clear()
-        return [o for o in (self._make_output(st) for st in touched.values()) if o is not None]
+        outputs = [o for o in (self._make_output(st) for st in touched.values()) if o is not None]
+        self.timing["host_seconds"] += time.perf_counter() - t_start
+        return outputs
 
     def _deliver_token(self, state: _RequestState, sample: _Sample, req: Request, host, row: int) -> None:
         tok = req.output_token_ids[-1]
-        if sample.detokenizer is not None:
-            _, stop = sample.detokenizer.update([tok])
-            if stop is not None and req.num_output_tokens >= state.params.min_tokens:
+        detok = sample.detokenizer
+        if detok is not None:
+            # Stop strings are matched below, so FINISHED_STOPPED here means EOS or a stop
+            # token id: that token is not part of the text (as vLLM).
+            stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
+            _, stop = detok.update([] if stopped_by_token else [tok])
+            if stop is not None:
                 if not req.is_finished:
                     self.scheduler.finish_requests(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
                 else:
                     req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+            elif req.is_finished:
+                detok.flush()  # release text held back for a possible stop string
         if host is not None:
             sample.cumulative_logprob += float(host.logprobs[row])
             if sample.logprobs is not None:

@@ -1,0 +1,90 @@
+"""KV-cache capacity: bytes per token from a model's shape, and blocks from a memory budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DTYPE_BYTES = {
+    "float32": 4,
+    "fp32": 4,
+    "bfloat16": 2,
+    "bf16": 2,
+    "float16": 2,
+    "fp16": 2,
+    "half": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "fp8": 1,
+    "int8": 1,
+}
+
+
+def dtype_num_bytes(dtype: Any) -> int:
+    """Bytes per element for a dtype name, numpy/jax dtype, or an int (taken as bytes)."""
+    if isinstance(dtype, int) and not isinstance(dtype, bool):
+        if dtype < 1:
+            raise ValueError(f"dtype bytes must be >= 1, got {dtype}")
+        return dtype
+    if not isinstance(dtype, str):
+        import numpy as np  # numpy / jax dtypes and scalar types (jnp.bfloat16 via ml_dtypes)
+
+        try:
+            return int(np.dtype(dtype).itemsize)
+        except TypeError:
+            pass  # e.g. a torch dtype: fall through to its name
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown KV cache dtype {dtype!r}; use one of {sorted(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+def _get(config: Any, *names: str) -> Any:
+    for n in names:
+        v = config.get(n) if isinstance(config, dict) else getattr(config, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def kv_bytes_per_token(
+    config: Any = None,
+    *,
+    num_layers: int | None = None,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    dtype: Any = "bfloat16",
+) -> int:
+    """K and V bytes one token occupies across all layers: 2 * L * Hkv * D * dtype bytes.
+
+    `config` may be an HF-style config (object or dict: num_hidden_layers,
+    num_key_value_heads (falls back to num_attention_heads), head_dim (falls back to
+    hidden_size // num_attention_heads)); keyword arguments override it.
+    """
+    if config is not None:
+        num_layers = num_layers or _get(config, "num_layers", "num_hidden_layers")
+        num_heads = _get(config, "num_attention_heads", "num_heads")
+        num_kv_heads = num_kv_heads or _get(config, "num_kv_heads", "num_key_value_heads") or num_heads
+        if head_dim is None:
+            head_dim = _get(config, "head_dim")
+            hidden = _get(config, "hidden_size")
+            if head_dim is None and hidden and num_heads:
+                head_dim = hidden // num_heads
+    for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_num_bytes(dtype)
+
+
+def num_blocks_for_budget(memory_bytes: int, block_size: int, bytes_per_token: int) -> int:
+    """How many blocks (null block included) fit in `memory_bytes` of KV cache."""
+    if block_size < 1 or bytes_per_token < 1:
+        raise ValueError(
+            f"block_size and bytes_per_token must be >= 1, got {block_size}, {bytes_per_token}"
+        )
+    num_blocks = int(memory_bytes) // (block_size * bytes_per_token)
+    if num_blocks < 2:
+        raise ValueError(
+            f"a KV budget of {memory_bytes} bytes holds {num_blocks} blocks of {block_size} tokens "
+            f"x {bytes_per_token} bytes; need at least 2 (block 0 is reserved): give more memory"
+        )
+    return num_blocks

@@ -1,0 +1,270 @@
+"""On-device sampling: one step's logits -> sampled token ids (+ logprobs), inside the jitted step.
+
+`sample(logits, t)` is pure and jittable; `t` is a `SamplingTensors` pytree with one row per
+scheduled sequence (padding rows hold the neutral values of `neutral_sampling_tensors`).
+Processing order follows vLLM V1:
+
+1. **raw logprobs** -- `log_softmax` of the logits as they come from the model (vLLM V1's
+   default `raw_logprobs`): the chosen token's logprob and the top-`num_logprobs`.
+2. **logit bias** -- `logits[r, id] += value` for every `(id, value)` pair of the row
+   (ids `-1` are padding; duplicate ids add up). The runner also puts EOS / stop ids here
+   with `-inf` while a request has fewer than `min_tokens` outputs.
+3. **penalties** (vLLM semantics) -- repetition over prompt+output tokens: a logit of a token
+   that occurs is divided by `p` when > 0 and multiplied by `p` otherwise; then
+   `- frequency_penalty * (#occurrences in the output)` and
+   `- presence_penalty * (occurs in the output)`.
+4. **temperature** -- rows with `temperature < 1e-5` are greedy: argmax of the logits after
+   steps 2-3 (steps 5-6 never change the argmax). Other rows are divided by `temperature`.
+5. **min_p** -- drop tokens with `p < min_p * p_max` (done in log space:
+   `x < x_max + log(min_p)`).
+6. **top-k, then top-p** (one descending sort per row, only in the `use_top_k_top_p`
+   variant) -- top-k keeps tokens `>=` the k-th largest value (`top_k <= 0` or `>= V`: off);
+   top-p keeps the shortest prefix of the sorted, top-k-masked distribution whose mass
+   reaches `top_p` (a token is kept iff the mass strictly before it is `< top_p`;
+   `top_p >= 1`: off). Both act as a value threshold, so tokens tied with the last kept
+   value are kept too (deterministic, independent of sort tie order).
+7. **sample** -- Gumbel-max: `argmax(x + Gumbel noise)` with the row's own key
+   `fold_in(PRNGKey(seed), position)`, so a row's token depends only on its logits, its
+   parameters, its seed and its position -- never on the other rows or the batch size.
+
+Masked tokens become `-inf`; the max kept token is never masked, and a row with every
+logit `-inf` returns token 0 (never NaN, never out of range).
+
+The static switches pick cheaper compiled variants; rows that do not use a feature get
+bit-identical results from the cheap and the full variant:
+`use_top_k_top_p=False` skips the vocab sort (every row must have top_k off, top_p 1),
+`use_penalties=False` skips the penalty gather/scatter (every row neutral),
+`all_greedy=True` skips the random-number generation (every row greedy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as vLLM)
+_NEG_INF = float("-inf")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters. One row per scheduled sequence; padding rows get neutral values."""
+
+    temperature: jax.Array  # [S] f32, < 1e-5 => greedy
+    top_k: jax.Array  # [S] i32, <= 0 => off
+    top_p: jax.Array  # [S] f32, >= 1.0 => off
+    min_p: jax.Array  # [S] f32, 0.0 => off
+    repetition_penalty: jax.Array  # [S] f32, 1.0 => off (prompt+output tokens)
+    presence_penalty: jax.Array  # [S] f32 (output tokens)
+    frequency_penalty: jax.Array  # [S] f32 (output tokens, times count)
+    seeds: jax.Array  # [S] u32/i32 (key = PRNGKey(seed)), or [S, 2] u32 (hi, lo) words of a 64-bit seed
+    positions: jax.Array  # [S] i32, index of the token being sampled
+    logit_bias_ids: jax.Array  # [S, B] i32, -1 = padding
+    logit_bias_values: jax.Array  # [S, B] f32
+    penalty_token_ids: jax.Array  # [S, L] i32 prompt+output ids, -1 = padding
+    penalty_is_output: jax.Array  # [S, L] bool, True where the id is a generated token
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: jax.Array  # [S] i32
+    logprobs: jax.Array  # [S] f32, chosen token under log_softmax(raw logits)
+    top_ids: jax.Array  # [S, K] i32
+    top_logprobs: jax.Array  # [S, K] f32
+
+
+def seed_to_words(seed: int) -> tuple[int, int]:
+    """Host helper: a Python int seed (any 64-bit value, negative allowed) -> (hi, lo) u32 words.
+
+    Row `[hi, lo]` of a `[S, 2]` `seeds` array gives exactly the key `PRNGKey(seed)` would give
+    with 64-bit ints enabled; seeds in [0, 2**32) give `hi == 0`, identical to a `[S]` array.
+    """
+    s = int(seed) % (1 << 64)
+    return s >> 32, s & 0xFFFFFFFF
+
+
+def neutral_sampling_tensors(
+    S: int, B: int = 1, L: int = 1, *, temperature: float = 1.0, seed_words: bool = False
+) -> SamplingTensors:
+    """Neutral (vLLM default) parameters for S rows: for padding rows, tests and warm-up."""
+    f32 = lambda v: jnp.full((S,), v, jnp.float32)  # noqa: E731
+    return SamplingTensors(
+        temperature=f32(temperature),
+        top_k=jnp.zeros((S,), jnp.int32),
+        top_p=f32(1.0),
+        min_p=f32(0.0),
+        repetition_penalty=f32(1.0),
+        presence_penalty=f32(0.0),
+        frequency_penalty=f32(0.0),
+        seeds=jnp.zeros((S, 2) if seed_words else (S,), jnp.uint32),
+        positions=jnp.zeros((S,), jnp.int32),
+        logit_bias_ids=jnp.full((S, B), -1, jnp.int32),
+        logit_bias_values=jnp.zeros((S, B), jnp.float32),
+        penalty_token_ids=jnp.full((S, L), -1, jnp.int32),
+        penalty_is_output=jnp.zeros((S, L), jnp.bool_),
+    )
+
+
+def _row_index(ids: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None], ids.shape)
+
+
+def apply_logit_bias(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """`logits[r, id] += value` for every valid (id >= 0) pair; duplicate ids add up."""
+    V = logits.shape[-1]
+    ids = t.logit_bias_ids.astype(jnp.int32)
+    ids = jnp.where((ids >= 0) & (ids < V), ids, V)  # out of range -> dropped
+    return logits.at[_row_index(ids), ids].add(t.logit_bias_values.astype(logits.dtype), mode="drop")
+
+
+def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """vLLM repetition / frequency / presence penalties, without any [S, V] count array.
+
+    Sorts each row's (id, is_output) pairs ([S, L], small) so the output count of every id is two
+    binary searches; then every slot writes the same penalised value for its id (duplicates
+    write identical values, so the scatter is deterministic). Rows with neutral penalties
+    write nothing.
+    """
+    S, V = logits.shape
+    ids = t.penalty_token_ids.astype(jnp.int32)
+    rep = t.repetition_penalty.astype(logits.dtype)
+    pres = t.presence_penalty.astype(logits.dtype)
+    freq = t.frequency_penalty.astype(logits.dtype)
+    row_uses = (rep != 1.0) | (pres != 0.0) | (freq != 0.0)
+    valid = (ids >= 0) & (ids < V) & row_uses[:, None]
+    # composite key: outputs (0) and prompt (1) occurrences of id; invalid slots sort last.
+    key = jnp.where(valid, ids * 2 + jnp.where(t.penalty_is_output, 0, 1), jnp.iinfo(jnp.int32).max)
+    key_sorted = jnp.sort(key, axis=-1)
+    search = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left"))
+    n_out = search(key_sorted, ids * 2 + 1) - search(key_sorted, ids * 2)  # [S, L] output count of id
+    gid = jnp.where(valid, ids, 0)
+    x = jnp.take_along_axis(logits, gid, axis=-1)
+    x = jnp.where(x > 0, x / rep[:, None], x * rep[:, None])
+    x = x - freq[:, None] * n_out.astype(x.dtype) - pres[:, None] * (n_out > 0).astype(x.dtype)
+    sid = jnp.where(valid, ids, V)
+    return logits.at[_row_index(sid), sid].set(x, mode="drop")
+
+
+def apply_penalties_and_bias(logits: jax.Array, t: SamplingTensors, *, use_penalties: bool = True) -> jax.Array:
+    """Steps 2-3: logit bias (incl. min_tokens suppression), then penalties. The greedy argmax is taken on this."""
+    logits = apply_logit_bias(logits, t)
+    if use_penalties:
+        logits = apply_penalties(logits, t)
+    return logits
+
+
+def apply_min_p(x: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drop tokens with prob < min_p * max_prob (log space; min_p 0 keeps everything)."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    thr = m + jnp.log(min_p.astype(x.dtype))[:, None]
+    return jnp.where(x < thr, _NEG_INF, x)
+
+
+def apply_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k then top-p with one descending sort per row; applied as a value threshold."""
+    V = x.shape[-1]
+    s = jnp.sort(x, axis=-1, descending=True)
+    k_on = (top_k > 0) & (top_k < V)
+    k = jnp.where(k_on, top_k, V).astype(jnp.int32)
+    kth = jnp.take_along_axis(s, (k - 1)[:, None], axis=-1)  # [S, 1]
+    kth = jnp.where(k_on[:, None], kth, _NEG_INF)
+    s_k = jnp.where(s >= kth, s, _NEG_INF)
+    m = s[:, :1]
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s_k - m)
+    c = jnp.cumsum(e, axis=-1)
+    keep = (c - e) < top_p[:, None].astype(x.dtype) * c[:, -1:]  # mass strictly before < p
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1, dtype=jnp.int32), 1)
+    pth = jnp.take_along_axis(s, (n_keep - 1)[:, None], axis=-1)
+    pth = jnp.where((top_p < 1.0)[:, None], pth, _NEG_INF)
+    thr = jnp.maximum(kth, pth)
+    return jnp.where(x < thr, _NEG_INF, x)
+
+
+def _row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    seeds = seeds.astype(jnp.uint32)
+    if seeds.ndim == 1:
+        data = jnp.stack([jnp.zeros_like(seeds), seeds], axis=-1)
+    else:
+        data = seeds
+    keys = jax.random.wrap_key_data(data, impl="threefry2x32")
+    return jax.vmap(jax.random.fold_in)(keys, positions.astype(jnp.uint32))
+
+
+def gumbel_noise(seeds: jax.Array, positions: jax.Array, V: int, dtype=jnp.float32) -> jax.Array:
+    """[S, V] Gumbel noise; row r depends only on (seeds[r], positions[r], V)."""
+    keys = _row_keys(seeds, positions)
+    return jax.vmap(lambda k: jax.random.gumbel(k, (V,), dtype))(keys)
+
+
+def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int = 0):
+    """log_softmax(logits) at `token_ids` ([N]) and its top-`num_logprobs` (ids, values).
+
+    Usable for prompt_logprobs too (any [N, V] rows). Never NaN: a row of all -inf gives -inf.
+    """
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    shifted = logits - m
+    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+    lp = jnp.take_along_axis(shifted, token_ids[:, None].astype(jnp.int32), axis=-1) - lse
+    lp = jnp.where(jnp.isnan(lp), _NEG_INF, lp)[:, 0]
+    if num_logprobs > 0:
+        top_vals, top_ids = jax.lax.top_k(shifted, num_logprobs)
+        top_lp = top_vals - lse
+        top_lp = jnp.where(jnp.isnan(top_lp), _NEG_INF, top_lp)
+    else:
+        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+        top_lp = jnp.zeros((logits.shape[0], 0), logits.dtype)
+    return lp, top_ids.astype(jnp.int32), top_lp
+
+
+def sample(
+    logits: jax.Array,
+    t: SamplingTensors,
+    *,
+    num_logprobs: int = 0,
+    use_top_k_top_p: bool = True,
+    use_penalties: bool = True,
+    all_greedy: bool = False,
+) -> SamplerOutput:
+    """Sample one token per row of `logits` [S, V] (see the module docstring for order and semantics).
+
+    Keyword arguments are static (pick the compiled variant); `num_logprobs` must be <= V.
+    """
+    S, V = logits.shape
+    logits = logits.astype(jnp.float32)
+    x = apply_penalties_and_bias(logits, t, use_penalties=use_penalties)
+    temp = t.temperature.astype(jnp.float32)
+    greedy = temp < _SAMPLING_EPS
+    if all_greedy:
+        tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    else:
+        x = x / jnp.where(greedy, 1.0, temp)[:, None]
+        x = apply_min_p(x, t.min_p)
+        if use_top_k_top_p:
+            x = apply_top_k_top_p(x, t.top_k, t.top_p)
+        g = gumbel_noise(t.seeds, t.positions, V, x.dtype)
+        x = x + jnp.where(greedy[:, None], 0.0, g)
+        tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    lp, top_ids, top_lp = compute_logprobs(logits, tok, num_logprobs)
+    return SamplerOutput(token_ids=tok, logprobs=lp, top_ids=top_ids, top_logprobs=top_lp)
+
+
+__all__ = [
+    "SamplingTensors",
+    "SamplerOutput",
+    "sample",
+    "neutral_sampling_tensors",
+    "seed_to_words",
+    "apply_logit_bias",
+    "apply_penalties",
+    "apply_penalties_and_bias",
+    "apply_min_p",
+    "apply_top_k_top_p",
+    "compute_logprobs",
+    "gumbel_noise",
+]

@@ -1,0 +1,142 @@
+"""Tokenizer loading and the small helpers the engine needs (EOS ids, chat templates).
+
+Everything is local: `load_tokenizer` never touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+# Files any of which means "there is a tokenizer in this directory".
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def load_tokenizer(model_dir: str | os.PathLike, **kwargs):
+    """Load the tokenizer saved in a checkpoint directory (no network access).
+
+    Raises FileNotFoundError if `model_dir` does not exist or holds none of the tokenizer
+    files (`TOKENIZER_FILES`), and ValueError if the files are there but cannot be loaded.
+    Extra kwargs go to `AutoTokenizer.from_pretrained`.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {str(path)!r} does not exist (expected a checkpoint directory "
+            f"with tokenizer.json / tokenizer_config.json)"
+        )
+    present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+    if not present:
+        raise FileNotFoundError(
+            f"no tokenizer files in {str(path)!r}: expected one of {', '.join(TOKENIZER_FILES)} "
+            f"(save one with tokenizer.save_pretrained({str(path)!r}), or pass tokenizer=<dir>)"
+        )
+    kwargs.setdefault("local_files_only", True)
+    kwargs.setdefault("trust_remote_code", False)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+        first_error = e
+    if "tokenizer.json" in present:
+        # A bare tokenizer.json (no config AutoTokenizer can map to a class) still loads.
+        try:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        except Exception:  # noqa: BLE001
+            pass
+    raise ValueError(
+        f"could not load the tokenizer in {str(path)!r} (files: {', '.join(present)}): "
+        f"{type(first_error).__name__}: {first_error}"
+    ) from first_error
+
+
+def eos_token_ids(tokenizer, model_eos_ids: int | Iterable[int] | None = ()) -> tuple[int, ...]:
+    """All ids that end generation: the model's (config / generation_config) then the tokenizer's.
+
+    Deduplicated, order kept (model's first). `tokenizer` may be None. Instruct models often
+    list several (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>) while the tokenizer names one.
+    """
+    ids: list[int] = []
+    if model_eos_ids is None:
+        model_eos_ids = ()
+    elif isinstance(model_eos_ids, int):
+        model_eos_ids = (model_eos_ids,)
+    for t in model_eos_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"EOS token ids must be non-negative ints, got {t!r} in {model_eos_ids!r}")
+        ids.append(t)
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if isinstance(tok_eos, int) and not isinstance(tok_eos, bool):
+        ids.append(tok_eos)
+    elif isinstance(tok_eos, (list, tuple)):
+        ids.extend(int(t) for t in tok_eos)
+    return tuple(dict.fromkeys(ids))
+
+
+def validate_messages(messages) -> list[dict]:
+    """Check chat messages: a non-empty list of {"role", "content"} dicts (extra keys allowed)."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError("messages must not be empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise ValueError(f"messages[{i}] is missing {', '.join(repr(k) for k in missing)}: {m!r}")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}]['content'] must be a str, got {type(m['content']).__name__}")
+        out.append(dict(m))
+    return out
+
+
+def apply_chat_template(
+    tokenizer,
+    messages,
+    *,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Render `messages` with the tokenizer's chat template (or `chat_template`) to prompt ids.
+
+    The template supplies BOS and role markers itself, so no special tokens are added on top.
+    """
+    msgs = validate_messages(messages)
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if not template:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"tokenizer {name!r} has no chat template, so chat messages cannot be formatted. "
+            "Pass chat_template=<jinja template string> (or set tokenizer.chat_template / add "
+            "'chat_template' to tokenizer_config.json), or use plain-text prompts with generate()."
+        )
+    out = tokenizer.apply_chat_template(
+        msgs,
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=False,
+    )
+    if hasattr(out, "keys") and "input_ids" in out:  # older transformers may return a dict
+        out = out["input_ids"]
+    if out and isinstance(out[0], (list, tuple)):
+        out = out[0]
+    return [int(t) for t in out]
