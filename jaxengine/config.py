@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -24,12 +25,16 @@ class EngineConfig:
     # Where the device has no memory statistics (CPU): a fixed KV-cache budget.
     kv_cache_bytes: int = 256 << 20
     num_kv_blocks: int | None = None  # override the sizing (tests, benchmarks)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    # None: 256 / 8192 on an accelerator; 16 / 256 on CPU, where every compiled bucket costs
+    # seconds at start-up and large batches buy nothing.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int = 0
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
+    # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
+    compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -40,6 +45,13 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        import jax
+
+        on_cpu = jax.default_backend() == "cpu"
+        if self.max_num_seqs is None:
+            self.max_num_seqs = 16 if on_cpu else 256
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 256 if on_cpu else 8192
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -71,6 +71,9 @@ class _RequestState:
 class Engine:
     def __init__(self, config: EngineConfig, *, model: CausalLM | None = None, tokenizer: Any = None, progress: bool = True):
         self.config = config
+        if config.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         self.model_config, model, self.tokenizer = self._load(config, model, tokenizer)
         mcfg = self.model_config
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 8192)
