@@ -110,9 +110,10 @@ class Engine:
         self._child_to_parent: dict[str, str] = {}
         self._ids = itertools.count()
         self._aborted: list[str] = []  # parents whose final output is still to be delivered
-        # Host time (schedule, prepare, update, detokenize) vs time waiting for the device:
-        # in this synchronous loop the device idles while the host works.
-        self.timing = {"host_seconds": 0.0, "device_seconds": 0.0, "steps": 0}
+        self._in_flight = None  # (SchedulerOutput, SamplerOutput) dispatched, not yet collected
+        # critical: from collecting a step to dispatching the next (the device surely idles);
+        # host_bound_steps: steps whose result was ready before the host came for it.
+        self.timing = {"critical_seconds": 0.0, "wait_seconds": 0.0, "loop_seconds": 0.0, "steps": 0, "host_bound_steps": 0}
 
     # ------------------------------------------------------------------ set-up
 
@@ -244,51 +245,66 @@ class Engine:
             self._aborted.append(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states)
+        return bool(self._states) or self._in_flight is not None
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
-        t_start = time.perf_counter()
-        out = self.scheduler.schedule()
-        sampled: dict[str, list[int]] = {}
-        result = None
-        if out.scheduled:
-            inputs = self.runner.prepare(out, self._seeds)
-            t_dispatch = time.perf_counter()
-            result = self.runner.execute(inputs)
+        """One iteration, pipelined so the device never waits for output processing:
+        collect the step in flight, schedule and dispatch the next one, and only then turn
+        the collected tokens into outputs (detokenize, stop strings, logprobs) while the
+        device runs. A stop string therefore ends a request one step late: the extra
+        token it got in the step already dispatched is dropped by `scheduler.update`."""
+        t0 = time.perf_counter()
+        done = None
+        if self._in_flight is not None:
+            out, result = self._in_flight
+            self._in_flight = None
             token_ids = np.asarray(result.token_ids)  # waits for the device
             t_ready = time.perf_counter()
-            self.timing["device_seconds"] += t_ready - t_dispatch
-            self.timing["host_seconds"] += t_dispatch - t_start
-            t_start = t_ready
+            wait = t_ready - t0
+            self.timing["wait_seconds"] += wait
+            self.timing["host_bound_steps"] += wait < 1e-4  # the device finished before we looked
+            sampled = {s.request.request_id: [int(token_ids[i])] for i, s in enumerate(out.scheduled) if s.sample}
+            done = (out, result, self.scheduler.update(out, sampled))
+        else:
+            t_ready = t0
+        nxt = self.scheduler.schedule()
+        if nxt.scheduled:
+            result = self.runner.execute(self.runner.prepare(nxt, self._seeds))
+            self._in_flight = (nxt, result)
+            t_dispatch = time.perf_counter()
+            self.timing["critical_seconds"] += t_dispatch - t_ready
             self.timing["steps"] += 1
             now = time.monotonic()
-            for i, s in enumerate(out.scheduled):
-                if s.sample:
-                    sampled[s.request.request_id] = [int(token_ids[i])]
-                state = self._states[self._child_to_parent[s.request.request_id]]
-                state.metrics.first_scheduled_time = state.metrics.first_scheduled_time or now
-        updated = self.scheduler.update(out, sampled)
-        rows = {s.request.request_id: i for i, s in enumerate(out.scheduled)}
+            for s in nxt.scheduled:
+                m = self._states[self._child_to_parent[s.request.request_id]].metrics
+                m.first_scheduled_time = m.first_scheduled_time or now
+        else:
+            self.scheduler.update(nxt, {})  # keep schedule()/update() strictly alternating
+        outputs = self._process(done)
+        self.timing["loop_seconds"] += time.perf_counter() - t0
+        return outputs
+
+    def _process(self, done) -> list[RequestOutput]:
         touched: dict[str, _RequestState] = {}
-        host = None
-        if result is not None and any(self._states[self._child_to_parent[r.request_id]].params.logprobs is not None for r in updated):
-            host = jax.tree.map(np.asarray, result)
-        now = time.monotonic()
-        for req in updated:
-            state = self._states[self._child_to_parent[req.request_id]]
-            sample = state.samples[req.sample_index]
-            self._deliver_token(state, sample, req, host, rows[req.request_id])
-            state.metrics.first_token_time = state.metrics.first_token_time or now
-            touched[state.request_id] = state
+        if done is not None:
+            out, result, updated = done
+            rows = {s.request.request_id: i for i, s in enumerate(out.scheduled)}
+            host = None
+            if any(self._states[self._child_to_parent[r.request_id]].params.logprobs is not None for r in updated):
+                host = jax.tree.map(np.asarray, result)
+            now = time.monotonic()
+            for req in updated:
+                state = self._states[self._child_to_parent[req.request_id]]
+                self._deliver_token(state, state.samples[req.sample_index], req, host, rows[req.request_id])
+                state.metrics.first_token_time = state.metrics.first_token_time or now
+                touched[state.request_id] = state
         for rid in self._aborted:
             if rid in self._states:
                 touched[rid] = self._states[rid]
         self._aborted.clear()
-        outputs = [o for o in (self._make_output(st) for st in touched.values()) if o is not None]
-        self.timing["host_seconds"] += time.perf_counter() - t_start
-        return outputs
+        return [o for o in (self._make_output(st) for st in touched.values()) if o is not None]
 
     def _deliver_token(self, state: _RequestState, sample: _Sample, req: Request, host, row: int) -> None:
         tok = req.output_token_ids[-1]
