@@ -22,7 +22,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import pallas_kernels
-from jaxengine.sampler import SamplerOutput, SamplingTensors, sample
+from jaxengine.sampler import SamplerOutput, SamplingTensors, sample, seed_to_words
 from jaxengine.sampling_params import MAX_LOGPROBS
 from jaxengine.scheduler import ScheduledRequest, SchedulerOutput
 from models import AttentionMetadata, CausalLM
@@ -42,6 +42,7 @@ class StepInputs:
     num_logprobs: int
     use_top_k_top_p: bool
     use_penalties: bool
+    all_greedy: bool
     num_seqs: int  # real rows
 
 
@@ -63,14 +64,17 @@ class ModelRunner:
         self.block_size = block_size
         self.max_pages = -(-max_model_len // block_size)
         self.graphdef, self.state = nnx.split(model)
+        # Committed to the weights' device like every later (donated) cache, so the first
+        # call compiles the same program as all the others.
+        self.device = jax.tree.leaves(self.state)[0].sharding
         self.kv_caches = [
-            pallas_kernels.init_kv_cache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+            jax.device_put(pallas_kernels.init_kv_cache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype), self.device)
             for _ in range(cfg.num_layers)
         ]
         # T: powers of two up to the token budget; S: a few sizes, never more than T.
         top = _pow2(max_num_batched_tokens, 1)
         self.token_buckets = [b for b in (2**i for i in range(31)) if min(16, top) <= b <= top]
-        self.seq_buckets = sorted({min(s, max_num_seqs) for s in (8, 32, 128, 512)} | {max_num_seqs})
+        self.seq_buckets = sorted({min(s, max_num_seqs) for s in (16, 64)} | {max_num_seqs})
         graphdef = self.graphdef
 
         def forward(state, kv_caches, tokens, meta):  # -> logits [S, V] f32, caches
@@ -79,7 +83,7 @@ class ModelRunner:
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
         self._forward = jax.jit(forward, donate_argnums=(1,))
-        self._sample = jax.jit(sample, static_argnames=("num_logprobs", "use_top_k_top_p", "use_penalties"))
+        self._sample = jax.jit(sample, static_argnames=("num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"))
 
     # ------------------------------------------------------------------ buckets
 
@@ -136,7 +140,7 @@ class ModelRunner:
         rep = np.ones(s_pad, np.float32)
         presence = np.zeros(s_pad, np.float32)
         frequency = np.zeros(s_pad, np.float32)
-        seed_arr = np.zeros(s_pad, np.uint32)
+        seed_arr = np.zeros((s_pad, 2), np.uint32)  # (hi, lo) words of a 64-bit seed
         positions = np.zeros(s_pad, np.int32)
         biases: list[dict[int, float]] = []
         penalised: list[int] = []
@@ -148,7 +152,7 @@ class ModelRunner:
             top_k[i] = max(p.top_k, 0)
             top_p[i], min_p[i] = p.top_p, p.min_p
             rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-            seed_arr[i] = seeds[req.request_id] & 0xFFFFFFFF
+            seed_arr[i] = seed_to_words(seeds[req.request_id])
             positions[i] = s.start_position + s.num_tokens
             bias = dict(p.logit_bias) if p.logit_bias else {}
             if req.num_output_tokens < p.min_tokens:  # EOS and stop tokens may not end it yet
@@ -174,12 +178,13 @@ class ModelRunner:
             pen_ids[i, : req.num_tokens] = req.all_token_ids
             pen_out[i, req.num_prompt_tokens : req.num_tokens] = True
         use_top_k_top_p = bool((top_k > 0).any() or (top_p < 1).any())
+        all_greedy = bool((temperature < 1e-5).all())
         tensors = SamplingTensors(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep,
             presence_penalty=presence, frequency_penalty=frequency, seeds=seed_arr, positions=positions,
             logit_bias_ids=bias_ids, logit_bias_values=bias_vals, penalty_token_ids=pen_ids, penalty_is_output=pen_out,
         )
-        return tensors, (num_logprobs, use_top_k_top_p, bool(penalised))
+        return tensors, (num_logprobs, use_top_k_top_p, bool(penalised), all_greedy)
 
     # ------------------------------------------------------------------ device side
 
@@ -189,13 +194,15 @@ class ModelRunner:
         return self._sample(
             logits, inputs.sampling, num_logprobs=inputs.num_logprobs,
             use_top_k_top_p=inputs.use_top_k_top_p, use_penalties=inputs.use_penalties,
+            all_greedy=inputs.all_greedy,
         )
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every (T, S) forward bucket and the common sampler variants; returns seconds."""
         t0 = time.perf_counter()
         pairs = sorted({(t, min(s, t)) for t in self.token_buckets for s in self.seq_buckets})
-        samplers = [(s, k) for s in sorted({s for _, s in pairs}) for k in (False, True)]
+        # Per S bucket: all-greedy, temperature only, and top-k/top-p.
+        samplers = [(s, k, g) for s in sorted({s for _, s in pairs}) for k, g in ((False, True), (False, False), (True, False))]
         with tqdm(total=len(pairs) + len(samplers), desc="compiling", disable=not progress, unit="program") as bar:
             for t, s in pairs:
                 meta = AttentionMetadata(
@@ -207,11 +214,12 @@ class ModelRunner:
                 logits, self.kv_caches = self._forward(self.state, self.kv_caches, np.zeros(t, np.int32), meta)
                 bar.update()
             jax.block_until_ready(self.kv_caches)
-            for s, use_top_k_top_p in samplers:
+            for s, use_top_k_top_p, all_greedy in samplers:
                 tensors, _ = self._sampling_tensors([], s, {})
-                logits = jnp.zeros((s, self.config.vocab_size), jnp.float32)
+                logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
                 jax.block_until_ready(self._sample(
-                    logits, tensors, num_logprobs=0, use_top_k_top_p=use_top_k_top_p, use_penalties=False))
+                    logits, tensors, num_logprobs=0, use_top_k_top_p=use_top_k_top_p, use_penalties=False,
+                    all_greedy=all_greedy))
                 bar.update()
         return time.perf_counter() - t0
 

@@ -45,7 +45,8 @@ def ragged_paged_attention_reference(
     k, v = context(kv_cache[0]), context(kv_cache[1])
     group = hq // hkv
     qg = q.reshape(t, hkv, group, d).astype(jnp.float32)
-    scores = jnp.einsum("thgd,htkd->thgk", qg, k.astype(jnp.float32)) * sm_scale
+    hi = jax.lax.Precision.HIGHEST  # the spec: true fp32 (GPUs would use TF32 otherwise)
+    scores = jnp.einsum("thgd,htkd->thgk", qg, k.astype(jnp.float32), precision=hi) * sm_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
 
@@ -62,5 +63,5 @@ def ragged_paged_attention_reference(
     denom = jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
     # Unused pages may hold NaN/garbage: zero-weight entries must not turn into 0 * NaN.
     v32 = jnp.where(mask[None, :, :, None], v.astype(jnp.float32), 0.0)
-    out = jnp.einsum("thgk,htkd->thgd", w / denom, v32)
+    out = jnp.einsum("thgk,htkd->thgd", w / denom, v32, precision=hi)
     return out.reshape(t, hq, d).astype(q.dtype)

@@ -160,3 +160,13 @@ def test_stream_deltas_concatenate(llm, checkpoint):
         tokens += delta.outputs[0].token_ids
         finished = delta.finished
     assert finished and tokens == checkpoint[1][2]
+
+
+def test_seeded_sampling_independent_of_batch(llm):
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=2**40 + 123)
+    alone = llm.generate([PROMPTS[3]], params)[0].outputs[0].token_ids
+    others = [SamplingParams(max_tokens=20, temperature=1.0, seed=i) for i in range(4)]
+    batch = llm.generate(PROMPTS[:3] + [PROMPTS[3]] + PROMPTS[4:], others[:3] + [params] + others[3:])
+    assert batch[3].outputs[0].token_ids == alone
+    other_seed = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=123)  # same low 32 bits
+    assert llm.generate([PROMPTS[3]], other_seed)[0].outputs[0].token_ids != alone
