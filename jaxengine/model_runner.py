@@ -46,6 +46,23 @@ class StepInputs:
     num_seqs: int  # real rows
 
 
+@dataclasses.dataclass
+class _RequestRow:
+    """What the runner keeps per running request between steps."""
+
+    table: np.ndarray  # [max_pages] int32, the block table so far
+    num_blocks: int
+    sampling: tuple[float, ...]  # see _static_sampling
+
+
+def _static_sampling(req, seed: int) -> tuple[float, ...]:
+    """The per-request sampling parameters that never change, in SamplingTensors' order."""
+    p = req.sampling_params
+    hi, lo = seed_to_words(seed)
+    return (p.temperature, max(p.top_k, 0), p.top_p, p.min_p, p.repetition_penalty,
+            p.presence_penalty, p.frequency_penalty, hi, lo)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -63,10 +80,13 @@ class ModelRunner:
         self.config = cfg
         self.block_size = block_size
         self.max_pages = -(-max_model_len // block_size)
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # A flat list of leaves: cheap to pass through jit dispatch every step.
+        self.state, state_def = jax.tree.flatten(state)
+        self._rows: dict[str, _RequestRow] = {}
         # Committed to the weights' device like every later (donated) cache, so the first
         # call compiles the same program as all the others.
-        self.device = jax.tree.leaves(self.state)[0].sharding
+        self.device = self.state[0].sharding
         self.kv_caches = [
             jax.device_put(pallas_kernels.init_kv_cache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype), self.device)
             for _ in range(cfg.num_layers)
@@ -77,8 +97,8 @@ class ModelRunner:
         self.seq_buckets = sorted({min(s, max_num_seqs) for s in (16, 64)} | {max_num_seqs})
         graphdef = self.graphdef
 
-        def forward(state, kv_caches, tokens, meta):  # -> logits [S, V] f32, caches
-            model = nnx.merge(graphdef, state)
+        def forward(state_leaves, kv_caches, tokens, meta):  # -> logits [S, V] f32, caches
+            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
             hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
@@ -96,7 +116,13 @@ class ModelRunner:
     # ------------------------------------------------------------------ host side
 
     def prepare(self, out: SchedulerOutput, seeds: dict[str, int]) -> StepInputs:
-        """Flatten the scheduled requests into the ragged batch (numpy, padded)."""
+        """Flatten the scheduled requests into the ragged batch (numpy, padded).
+
+        This is on the host's critical path every step, so per-request work is plain Python
+        on cached rows: a request's block-table row and its sampling parameters are built once
+        and touched again only when it gets new blocks."""
+        for rid in (*out.finished_req_ids, *out.preempted_req_ids):
+            self._rows.pop(rid, None)
         sched = out.scheduled
         num_seqs = len(sched)
         t_real = out.total_num_scheduled_tokens
@@ -104,72 +130,99 @@ class ModelRunner:
         s_pad = min(self._bucket(self.seq_buckets, num_seqs, "sequence count"), t_pad)
         bs = self.block_size
 
-        tokens = np.zeros(t_pad, np.int32)
-        positions = np.zeros(t_pad, np.int32)
-        slots = np.arange(t_pad, dtype=np.int32) % bs  # padding writes into the null page
-        kv_lens = np.zeros(s_pad, np.int32)
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        kv_lens: list[int] = []
+        cu = [0]
+        table_rows = []
+        for s in sched:
+            n, start, table = s.num_tokens, s.start_position, s.block_ids
+            row = self._table_row(s, seeds)
+            table_rows.append(row.table)
+            all_ids = s.request.all_token_ids
+            if n == 1:  # a decode: the common case
+                tokens.append(all_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                tokens += all_ids[start : start + n]
+                pos = range(start, start + n)
+                positions += pos
+                slots += [table[p // bs] * bs + p % bs for p in pos]
+            kv_lens.append(start + n)
+            cu.append(cu[-1] + n)
+
+        def padded(values: list[int], size: int, fill: int) -> np.ndarray:
+            arr = np.full(size, fill, np.int32)
+            arr[: len(values)] = values
+            return arr
+
+        slot_arr = np.arange(t_pad, dtype=np.int32) % bs  # padding writes into the null page
+        slot_arr[:t_real] = slots
         tables = np.zeros((s_pad, self.max_pages), np.int32)
-        cu = np.full(s_pad + 1, t_real, np.int32)
-        cu[0] = 0
-        logit_rows = np.zeros(s_pad, np.int32)
-        offset = 0
-        for i, s in enumerate(sched):
-            n, start = s.num_tokens, s.start_position
-            table = np.asarray(s.block_ids, np.int32)
-            tables[i, : len(table)] = table
-            pos = np.arange(start, start + n, dtype=np.int32)
-            tokens[offset : offset + n] = s.request.all_token_ids[start : start + n]
-            positions[offset : offset + n] = pos
-            slots[offset : offset + n] = table[pos // bs] * bs + pos % bs
-            offset += n
-            kv_lens[i] = start + n
-            cu[i + 1] = offset
-            logit_rows[i] = offset - 1
+        if table_rows:
+            tables[:num_seqs] = np.stack(table_rows)
+        cu_arr = padded(cu, s_pad + 1, t_real)
         meta = AttentionMetadata(
-            positions=positions, slot_mapping=slots, kv_lens=kv_lens, page_indices=tables,
-            cu_q_lens=cu, num_seqs=np.array([num_seqs], np.int32), logits_indices=logit_rows,
+            positions=padded(positions, t_pad, 0), slot_mapping=slot_arr, kv_lens=padded(kv_lens, s_pad, 0),
+            page_indices=tables, cu_q_lens=cu_arr, num_seqs=np.array([num_seqs], np.int32),
+            logits_indices=np.maximum(cu_arr[1:] - 1, 0),
         )
         sampling, flags = self._sampling_tensors(sched, s_pad, seeds)
-        return StepInputs(tokens, meta, sampling, *flags, num_seqs)
+        return StepInputs(padded(tokens, t_pad, 0), meta, sampling, *flags, num_seqs)
+
+    def _table_row(self, s: ScheduledRequest, seeds: dict[str, int]) -> "_RequestRow":
+        rid = s.request.request_id
+        row = self._rows.get(rid)
+        if row is None or s.is_new:
+            row = self._rows[rid] = _RequestRow(np.zeros(self.max_pages, np.int32), 0, _static_sampling(s.request, seeds[rid]))
+        if len(s.block_ids) != row.num_blocks:
+            row.table[row.num_blocks : len(s.block_ids)] = s.block_ids[row.num_blocks :]
+            row.num_blocks = len(s.block_ids)
+        return row
 
     def _sampling_tensors(self, sched: list[ScheduledRequest], s_pad: int, seeds: dict[str, int]):
-        temperature = np.zeros(s_pad, np.float32)
-        top_k = np.zeros(s_pad, np.int32)
-        top_p = np.ones(s_pad, np.float32)
-        min_p = np.zeros(s_pad, np.float32)
-        rep = np.ones(s_pad, np.float32)
-        presence = np.zeros(s_pad, np.float32)
-        frequency = np.zeros(s_pad, np.float32)
+        n = len(sched)
+        static = np.array([self._rows[s.request.request_id].sampling for s in sched] if sched else np.zeros((0, 9)))
+        static = static.reshape(n, 9)
+
+        def col(j: int, neutral: float, dtype) -> np.ndarray:
+            arr = np.full(s_pad, neutral, dtype)
+            arr[:n] = static[:, j]
+            return arr
+
+        temperature = col(0, 0.0, np.float32)
+        top_k, top_p, min_p = col(1, 0, np.int32), col(2, 1.0, np.float32), col(3, 0.0, np.float32)
+        rep, presence, frequency = col(4, 1.0, np.float32), col(5, 0.0, np.float32), col(6, 0.0, np.float32)
         seed_arr = np.zeros((s_pad, 2), np.uint32)  # (hi, lo) words of a 64-bit seed
+        seed_arr[:n] = static[:, 7:9]
         positions = np.zeros(s_pad, np.int32)
-        biases: list[dict[int, float]] = []
+        positions[:n] = [s.start_position + s.num_tokens for s in sched]
+
+        biases: dict[int, dict[int, float]] = {}
         penalised: list[int] = []
         num_logprobs = 0
         for i, s in enumerate(sched):
             req = s.request
             p = req.sampling_params
-            temperature[i] = p.temperature
-            top_k[i] = max(p.top_k, 0)
-            top_p[i], min_p[i] = p.top_p, p.min_p
-            rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-            seed_arr[i] = seed_to_words(seeds[req.request_id])
-            positions[i] = s.start_position + s.num_tokens
-            bias = dict(p.logit_bias) if p.logit_bias else {}
-            if req.num_output_tokens < p.min_tokens:  # EOS and stop tokens may not end it yet
-                for tok in (*p.stop_token_ids, *([] if req.eos_token_id is None else [req.eos_token_id])):
-                    bias[tok] = -math.inf
-            biases.append(bias)
+            if p.logit_bias or p.min_tokens:
+                bias = dict(p.logit_bias) if p.logit_bias else {}
+                if req.num_output_tokens < p.min_tokens:  # EOS and stop tokens may not end it yet
+                    for tok in (*p.stop_token_ids, *([] if req.eos_token_id is None else [req.eos_token_id])):
+                        bias[tok] = -math.inf
+                if bias:
+                    biases[i] = bias
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 penalised.append(i)
             if p.logprobs:
                 num_logprobs = MAX_LOGPROBS
-        b = _pow2(max(map(len, biases), default=0), 1)
+        b = _pow2(max(map(len, biases.values()), default=0), 1)
         bias_ids = np.full((s_pad, b), -1, np.int32)
         bias_vals = np.zeros((s_pad, b), np.float32)
-        for i, bias in enumerate(biases):
-            if bias:
-                bias_ids[i, : len(bias)] = list(bias)
-                bias_vals[i, : len(bias)] = list(bias.values())
+        for i, bias in biases.items():
+            bias_ids[i, : len(bias)] = list(bias)
+            bias_vals[i, : len(bias)] = list(bias.values())
         length = _pow2(max((sched[i].request.num_tokens for i in penalised), default=1), 1)
         pen_ids = np.full((s_pad, length), -1, np.int32)
         pen_out = np.zeros((s_pad, length), bool)
