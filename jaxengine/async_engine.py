@@ -57,7 +57,12 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("add", fut, (prompt, params, request_id, output_kind, priority, loop, stream)))
-        rid = await asyncio.wrap_future(fut)  # ValueError for bad input, raised here
+        try:
+            rid = await asyncio.wrap_future(fut)  # ValueError for bad input, raised here
+        except asyncio.CancelledError:
+            # Cancelled while the engine thread may already be adding it: abort it once added.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self.abort(f.result()))
+            raise
         finished = False
         try:
             while True:
@@ -96,6 +101,8 @@ class AsyncEngine:
         engine = self.engine
         if cmd == "add":
             prompt, params, rid, kind, prio, loop, stream = arg
+            if not fut.set_running_or_notify_cancel():  # the caller gave up already
+                return
             try:
                 rid = engine.add_request(prompt, params, request_id=rid, output_kind=kind, priority=prio)
             except Exception as e:  # bad input: the caller gets it, the engine goes on
@@ -108,6 +115,8 @@ class AsyncEngine:
                 engine.abort_request(arg)
         elif cmd == "call":
             fn, args = arg
+            if not fut.set_running_or_notify_cancel():
+                return
             try:
                 fut.set_result(fn(engine, *args))
             except Exception as e:

@@ -13,8 +13,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 on GPU, 16 on CPU")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 8192 on GPU, 256 on CPU")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--seed", type=int, default=0)
 
@@ -53,6 +53,56 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from jaxengine.config import EngineConfig
+    from serving.server import ServeOptions, serve
+
+    keys = tuple(args.api_key or ()) or tuple(k for k in [os.environ.get("JAXENGINE_API_KEY")] if k)
+    kwargs = engine_kwargs(args)
+    if args.num_kv_blocks is not None:
+        kwargs["num_kv_blocks"] = args.num_kv_blocks
+    try:
+        options = ServeOptions(
+            host=args.host, port=args.port, model_name=args.served_model_name or args.model or "default",
+            api_keys=keys, tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
+            max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+        )
+        config = EngineConfig.from_kwargs(args.model, **kwargs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(options, config, progress=not args.quiet))
+
+
+def _client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from serving.client import Client
+
+    root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.sampling_seed is not None:
+        sampling["seed"] = args.sampling_seed
+    if args.stop:
+        sampling["stop"] = args.stop
+    prompt = dict(messages=[{"role": "user", "content": args.prompt}]) if args.chat else dict(prompt=args.prompt)
+    with Client(args.target, api_key=args.api_key, root_certificates=root, tls=args.tls, timeout=args.timeout) as c:
+        try:
+            if args.stream:
+                for piece in c.stream_text(**prompt, **sampling):
+                    print(piece, end="", flush=True)
+                print()
+            else:
+                print(c.generate(**prompt, **sampling).text)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxengine", description="JAX LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,9 +118,44 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--quiet", action="store_true", help="no compile progress bar")
     _add_engine_args(gen)
 
+    srv = sub.add_parser("serve", help="serve the model over gRPC (jaxengine.v1.EngineService)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=50051, help="0: any free port (printed once ready)")
+    srv.add_argument("--served-model-name", default=None, help="name in GetModelInfo and metrics (default: --model)")
+    srv.add_argument("--api-key", action="append", help="require this key (repeatable; default: $JAXENGINE_API_KEY)")
+    srv.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+    srv.add_argument("--tls-key", default=None, help="PEM private key")
+    srv.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    srv.add_argument("--max-queue", type=int, default=None,
+                     help="reject with RESOURCE_EXHAUSTED when this many requests wait for their first step")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight calls get after SIGTERM")
+    srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
+    srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
+    _add_engine_args(srv)
+
+    cli = sub.add_parser("client", help="send one prompt to a running server and print the completion")
+    cli.add_argument("prompt")
+    cli.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    cli.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    cli.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    cli.add_argument("--max-tokens", type=int, default=128)
+    cli.add_argument("--temperature", type=float, default=0.0)
+    cli.add_argument("--top-p", type=float, default=1.0)
+    cli.add_argument("--top-k", type=int, default=-1)
+    cli.add_argument("--sampling-seed", type=int, default=None)
+    cli.add_argument("--stop", action="append")
+    cli.add_argument("--api-key", default=None)
+    cli.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    cli.add_argument("--tls-ca", default=None, help="PEM root certificate to trust (implies TLS)")
+    cli.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "client":
+        return _client(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,282 @@
+"""Serving benchmark: a load generator against the gRPC server, reporting what
+`vllm bench serve` reports, and the offline-vs-served throughput ratio at saturation.
+
+    # launch an in-process server on a random-weight preset, three Poisson rates + saturation
+    python benchmarks/serving.py --model llama-3.2-1b --request-rate 4 --request-rate 16 --request-rate inf \\
+        --num-prompts 512 --input-len 256 --output-len 128 --json results.json
+
+    # against a running `jaxengine serve` (no offline comparison)
+    python benchmarks/serving.py --target 127.0.0.1:50051 --request-rate 8 --num-prompts 200
+
+Workload: random token-id prompts of `--input-len` tokens, `--output-len` tokens each with
+`ignore_eos` (vLLM's "random" dataset). Arrivals are Poisson at each `--request-rate`
+(`inf`: all at once), optionally capped by `--max-concurrency`.
+
+In launch mode the engine is built once in this process and fronted by a `BackgroundServer`;
+the load generator runs in a separate process (spawned, imports only grpc and the stubs) so
+the client never competes with the server for this process's GIL. Before timing, greedy
+outputs through the server are checked against the offline engine. "Offline" is the same
+compiled engine driven directly (all requests added, `step()` until done, on the engine
+thread): served / offline output-token throughput at `inf` is the service layer's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# This file is named like the `serving` package: put the repository root, not this directory,
+# first on the import path (`python benchmarks/serving.py` puts benchmarks/ there).
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+# ---------------------------------------------------------------------------- load generator (child process)
+
+async def _one(stub, req, sem, records: list):
+    async with sem:
+        t0 = time.perf_counter()
+        ttft, last, itl, ntok, ok, err = None, t0, [], 0, True, ""
+        try:
+            async for resp in stub.Generate(req):
+                now = time.perf_counter()
+                k = sum(len(d.token_ids) for d in resp.outputs)
+                if k:
+                    if ttft is None:
+                        ttft = now - t0
+                    else:
+                        itl.append(now - last)
+                    last = now
+                    ntok += k
+        except Exception as e:  # noqa: BLE001 - recorded as a failed request
+            ok, err = False, f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}"
+        records.append(dict(ok=ok, error=err, ttft=ttft, itl=itl, e2e=time.perf_counter() - t0, output_tokens=ntok,
+                            prompt_tokens=len(req.token_ids.ids)))
+
+
+async def _load(target: str, reqs: list[bytes], rate: float, max_concurrency: int | None, seed: int,
+                api_key: str | None, num_channels: int) -> tuple[list[dict], float]:
+    import grpc
+
+    from serving.generated import engine_pb2 as pb
+    from serving.generated import engine_pb2_grpc
+
+    md = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(num_channels)]
+    stubs = [engine_pb2_grpc.EngineServiceStub(ch) for ch in channels]
+    if md:
+        stubs = [_WithMetadata(s, md) for s in stubs]
+    requests = [pb.GenerateRequest.FromString(r) for r in reqs]
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(max_concurrency or len(requests))
+    records: list[dict] = []
+    start = time.perf_counter()
+    tasks = []
+    for i, req in enumerate(requests):
+        tasks.append(asyncio.create_task(_one(stubs[i % len(stubs)], req, sem, records)))
+        if math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    for ch in channels:
+        await ch.close()
+    return records, duration
+
+
+class _WithMetadata:
+    def __init__(self, stub, md):
+        self._stub, self._md = stub, md
+
+    def Generate(self, req):
+        return self._stub.Generate(req, metadata=self._md)
+
+
+def run_load(target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4):
+    """Entry point of the spawned client process."""
+    return asyncio.run(_load(target, reqs, rate, max_concurrency, seed, api_key, num_channels))
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def _stats(values: list[float], scale: float = 1000.0) -> dict:
+    if not values:
+        return dict(mean=float("nan"), median=float("nan"), p99=float("nan"))
+    v = sorted(values)
+    p99 = v[min(len(v) - 1, max(0, math.ceil(0.99 * len(v)) - 1))]
+    return dict(mean=statistics.fmean(v) * scale, median=statistics.median(v) * scale, p99=p99 * scale)
+
+
+def summarize(records: list[dict], duration: float) -> dict:
+    done = [r for r in records if r["ok"]]
+    out_tokens = sum(r["output_tokens"] for r in done)
+    in_tokens = sum(r["prompt_tokens"] for r in done)
+    tpot = [(r["e2e"] - r["ttft"]) / (r["output_tokens"] - 1) for r in done if r["ttft"] is not None and r["output_tokens"] > 1]
+    return dict(
+        completed=len(done), failed=len(records) - len(done), duration_s=duration,
+        request_throughput=len(done) / duration, output_token_throughput=out_tokens / duration,
+        total_token_throughput=(in_tokens + out_tokens) / duration, total_output_tokens=out_tokens,
+        ttft_ms=_stats([r["ttft"] for r in done if r["ttft"] is not None]), tpot_ms=_stats(tpot),
+        itl_ms=_stats([x for r in done for x in r["itl"]]), e2e_ms=_stats([r["e2e"] for r in done]),
+        errors=sorted({r["error"] for r in records if not r["ok"]})[:5],
+    )
+
+
+def print_summary(name: str, s: dict) -> None:
+    print(f"{'=' * 16} Serving Benchmark Result ({name}) {'=' * 16}")
+    rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
+            ("Benchmark duration (s)", f"{s['duration_s']:.2f}"), ("Total generated tokens", s["total_output_tokens"]),
+            ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+            ("Output token throughput (tok/s)", f"{s['output_token_throughput']:.2f}"),
+            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
+    for label, key in (("Time to First Token", "ttft_ms"), ("Time per Output Token (excl. 1st token)", "tpot_ms"),
+                       ("Inter-token Latency", "itl_ms"), ("End-to-end Latency", "e2e_ms")):
+        rows.append((f"---{label}---", ""))
+        for stat in ("mean", "median", "p99"):
+            rows.append((f"{stat.capitalize()} {key.split('_')[0].upper()} (ms)", f"{s[key][stat]:.2f}"))
+    for label, value in rows:
+        print(f"{label:<42}{value}")
+    if s["errors"]:
+        print("errors:", *s["errors"], sep="\n  ")
+
+
+# ---------------------------------------------------------------------------- offline reference (engine thread)
+
+def _offline(engine, prompts: list[list[int]], params) -> tuple[float, int, list[list[int]]]:
+    from jaxengine.outputs import OutputKind
+
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, request_id=f"offline-{i}-{t0}", output_kind=OutputKind.FINAL_ONLY)
+    outs: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = [t for c in o.outputs for t in c.token_ids]
+    seconds = time.perf_counter() - t0
+    ordered = [outs[f"offline-{i}-{t0}"] for i in range(len(prompts))]
+    return seconds, sum(len(o) for o in ordered), ordered
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxengine.cli import _add_engine_args, engine_kwargs
+
+    p = argparse.ArgumentParser(description="jaxengine gRPC serving benchmark")
+    p.add_argument("--target", default=None, help="host:port of a running server (default: launch one in-process)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--request-rate", action="append", type=float, help="requests/s, Poisson; inf = all at once (repeatable)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--num-channels", type=int, default=4, help="gRPC channels the load generator spreads calls over")
+    p.add_argument("--no-offline", action="store_true", help="skip the offline-vs-served comparison")
+    p.add_argument("--bench-seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    _add_engine_args(p)
+    args = p.parse_args(argv)
+    rates = args.request_rate or [math.inf]
+
+    from serving.generated import engine_pb2 as pb
+
+    server = async_engine = None
+    target = args.target
+    result: dict = dict(config={k: v for k, v in vars(args).items()}, git_sha=_git_sha())
+    if target is None:
+        import jax
+
+        from jaxengine import AsyncEngine, Engine, EngineConfig
+        from serving.server import BackgroundServer, ServeOptions
+
+        kw = engine_kwargs(args)
+        if args.num_kv_blocks is not None:
+            kw["num_kv_blocks"] = args.num_kv_blocks
+        t0 = time.perf_counter()
+        async_engine = AsyncEngine(Engine(EngineConfig.from_kwargs(args.model, **kw)))
+        print(f"engine ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        server = BackgroundServer(async_engine, ServeOptions(port=0, model_name=args.model or "default"))
+        target = server.address
+        result.update(device=jax.devices()[0].device_kind, jax_version=jax.__version__, num_devices=jax.device_count())
+
+    from serving.client import Client
+
+    with Client(target, api_key=args.api_key, timeout=600) as c:
+        info = c.model_info()
+    max_len = info.max_model_len
+    if args.input_len + args.output_len > max_len:
+        p.error(f"--input-len + --output-len must be <= max_model_len={max_len}")
+    rng = random.Random(args.bench_seed)
+    prompts = [[rng.randrange(info.vocab_size) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    sampling = dict(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
+    reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=pr), sampling_params=pb.SamplingParams(**sampling)).SerializeToString()
+            for pr in prompts]
+    result.update(model=info.model, architecture=info.architecture, max_model_len=max_len)
+
+    # Correctness first: greedy through the server == the offline engine (launch mode).
+    if async_engine is not None:
+        from jaxengine import SamplingParams
+
+        check = prompts[:4]
+        _, _, want = async_engine.call(_offline, check, SamplingParams(**sampling)).result()
+        with Client(target, timeout=600) as c:
+            got = [c.generate(pr, **sampling).token_ids for pr in check]
+        if got != want:
+            print("error: served greedy output differs from the offline engine", file=sys.stderr)
+            return 1
+        print("correctness: served greedy output == offline engine output (4 prompts)", file=sys.stderr)
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        # Warm-up through the whole path (and the client process's imports).
+        pool.submit(run_load, target, reqs[: min(8, len(reqs))], math.inf, None, 1, args.api_key, 1).result()
+        result["runs"] = {}
+        for rate in rates:
+            records, duration = pool.submit(run_load, target, reqs, rate, args.max_concurrency, args.bench_seed,
+                                            args.api_key, args.num_channels).result()
+            s = summarize(records, duration)
+            name = f"rate={rate:g}" + (f", max_concurrency={args.max_concurrency}" if args.max_concurrency else "")
+            print_summary(name, s)
+            result["runs"][str(rate)] = s
+
+    if async_engine is not None and not args.no_offline:
+        from jaxengine import SamplingParams
+
+        seconds, tokens, _ = async_engine.call(_offline, prompts, SamplingParams(**sampling)).result()
+        offline_tps = tokens / seconds
+        result["offline"] = dict(duration_s=seconds, output_token_throughput=offline_tps,
+                                 request_throughput=len(prompts) / seconds)
+        print(f"offline engine: {len(prompts)} requests in {seconds:.2f}s, {offline_tps:.2f} output tok/s")
+        sat = result["runs"].get("inf")
+        if sat is not None:
+            ratio = sat["output_token_throughput"] / offline_tps
+            result["served_over_offline"] = ratio
+            print(f"served / offline output throughput at saturation: {ratio:.3f}")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    if server is not None:
+        server.close()
+        async_engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""`EngineServicer`: the jaxengine.v1.EngineService RPCs on top of `AsyncEngine`.
+
+Everything here runs on the server's asyncio loop and never blocks it: generation streams
+come from `AsyncEngine.generate`, and tokenizer / chat-template work runs on the engine
+thread through `AsyncEngine.call`. Status codes:
+
+- UNAVAILABLE: the model is still loading, or the server is draining;
+- INVALID_ARGUMENT: the request can never run (message names the field and the limit);
+- RESOURCE_EXHAUSTED: more than `max_queue` requests are waiting for their first step;
+- FAILED_PRECONDITION: text / chat asked of a model without a tokenizer;
+- INTERNAL: the engine failed this request (other requests keep running).
+
+A cancelled call or an expired deadline cancels the handler; leaving `AsyncEngine.generate`
+aborts the request, which frees its KV blocks within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from jaxengine.async_engine import AsyncEngine, EngineDeadError
+from jaxengine.outputs import RequestOutput
+from serving import conversion
+from serving.generated import engine_pb2 as pb
+from serving.generated import engine_pb2_grpc
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngineService"].full_name
+
+
+class _Failure(Exception):
+    """A status to end the call with; raised inside, turned into `context.abort` outside."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class MalformedRequest:
+    """What a request that does not parse turns into (so it becomes INVALID_ARGUMENT, not UNKNOWN)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _parser(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return MalformedRequest(f"could not parse the {cls.DESCRIPTOR.full_name} message: {e}")
+
+    return parse
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, MalformedRequest):
+        raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+def add_to_server(servicer: "EngineServicer", server: grpc.aio.Server) -> None:
+    """Like the generated `add_EngineServiceServicer_to_server`, with tolerant request parsing."""
+    rpcs = {
+        "Generate": (grpc.unary_stream_rpc_method_handler, pb.GenerateRequest, pb.GenerateResponse),
+        "Tokenize": (grpc.unary_unary_rpc_method_handler, pb.TokenizeRequest, pb.TokenizeResponse),
+        "Detokenize": (grpc.unary_unary_rpc_method_handler, pb.DetokenizeRequest, pb.DetokenizeResponse),
+        "GetModelInfo": (grpc.unary_unary_rpc_method_handler, pb.GetModelInfoRequest, pb.ModelInfo),
+    }
+    handlers = {
+        name: make(getattr(servicer, name), request_deserializer=_parser(req), response_serializer=resp.SerializeToString)
+        for name, (make, req, resp) in rpcs.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
+    def __init__(self, model_name: str, *, max_queue: int | None = None, metrics: ServingMetrics | None = None):
+        self.engine: AsyncEngine | None = None  # set once loaded and compiled
+        self.model_name = model_name
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.draining = False
+        self.active: set[str] = set()  # request ids of calls in flight
+        self.num_pending = 0  # accepted calls whose request has not produced anything yet
+        self._ids = itertools.count()
+        self._id_prefix = f"grpc-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _ready_engine(self) -> AsyncEngine:
+        if self.draining:
+            raise _Failure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        if self.engine is None:
+            raise _Failure(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health reports SERVING")
+        return self.engine
+
+    async def _on_engine(self, fn, *args):
+        """Run fn(engine, *args) on the engine thread; ValueError -> INVALID_ARGUMENT."""
+        try:
+            return await asyncio.wrap_future(self._ready_engine().call(fn, *args))
+        except ValueError as e:
+            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+
+    def _need_tokenizer(self, what: str) -> None:
+        if self._ready_engine().engine.tokenizer is None:
+            raise _Failure(grpc.StatusCode.FAILED_PRECONDITION, f"this model has no tokenizer, so {what} cannot be used: send token_ids")
+
+    async def _prompt(self, request: pb.GenerateRequest) -> str | list[int]:
+        kind, value = conversion.prompt_input(request)
+        if kind == "text":
+            self._need_tokenizer("text prompts")
+            return value
+        if kind == "chat":
+            self._need_tokenizer("chat messages")
+            return await self._on_engine(lambda e, m: e.chat_token_ids(m), value)
+        return value
+
+    # ------------------------------------------------------------------ Generate
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            _check_parsed(request)
+            engine = self._ready_engine()
+            try:
+                rid = conversion.request_id(request)
+                params = conversion.sampling_params(request.sampling_params)
+                prompt = await self._prompt(request)
+            except ValueError as e:
+                raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            if self.max_queue is not None and self.num_pending >= self.max_queue:
+                raise _Failure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.num_pending} requests are already waiting (the server's --max-queue is {self.max_queue}); retry later",
+                )
+            rid = rid or f"{self._id_prefix}-{next(self._ids)}"
+            if rid in self.active:
+                raise _Failure(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight; use a unique id")
+        except _Failure as f:
+            await context.abort(f.code, f.message)
+        failure, started = None, False
+        self.active.add(rid)
+        self.num_pending += 1
+        pending = True
+        try:
+            async with contextlib.aclosing(engine.generate(prompt, params, request_id=rid, priority=request.priority)) as stream:
+                last = None
+                num_tokens = 0
+                finished: set[int] = set()
+                async for out in stream:
+                    started = True
+                    if pending:
+                        pending = False
+                        self.num_pending -= 1
+                    resp, n = self._response(out, finished, num_tokens)
+                    num_tokens += n
+                    if self.metrics is not None:
+                        last = self._record(out, n, num_tokens, last)
+                    yield resp
+        except ValueError as e:
+            failure = _Failure(grpc.StatusCode.INVALID_ARGUMENT if not started else grpc.StatusCode.INTERNAL, str(e))
+        except EngineDeadError as e:
+            failure = _Failure(grpc.StatusCode.INTERNAL, f"the engine failed this request: {e}")
+        except Exception as e:  # noqa: BLE001 - one call fails, the server goes on
+            log.exception("request %s failed", rid)
+            failure = _Failure(grpc.StatusCode.INTERNAL, f"request {rid} failed in the server: {type(e).__name__}: {e}")
+        finally:
+            self.active.discard(rid)
+            if pending:
+                self.num_pending -= 1
+        if failure is not None:
+            await context.abort(failure.code, failure.message)
+
+    def _response(self, out: RequestOutput, finished: set[int], num_tokens: int) -> tuple[pb.GenerateResponse, int]:
+        """The message for one engine delta, and how many tokens it carries."""
+        deltas = conversion.completion_deltas(out, finished)
+        n = sum(len(d.token_ids) for d in deltas)
+        resp = pb.GenerateResponse(request_id=out.request_id, outputs=deltas, finished=out.finished)
+        if out.finished:
+            conversion.final_fields(resp, out, num_tokens + n)
+        return resp, n
+
+    def _record(self, out: RequestOutput, n: int, total: int, last: float | None) -> float | None:
+        m, now = self.metrics, time.monotonic()
+        if total == n and n:  # the first tokens of this request
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
+        if n:
+            m.generation_tokens.inc(n)
+            if last is not None:
+                gap = (now - last) / n
+                for _ in range(n):
+                    m.itl.observe(gap)
+            last = now
+        if out.finished:
+            rm = out.metrics
+            reason = next((o.finish_reason for o in out.outputs if o.finish_reason), "abort")
+            m.request_finished(
+                reason,
+                None if rm.first_token_time is None else rm.first_token_time - rm.arrival_time,
+                (rm.finished_time or now) - rm.arrival_time,
+                None if rm.first_scheduled_time is None else rm.first_scheduled_time - rm.arrival_time,
+            )
+        return last
+
+    # ------------------------------------------------------------------ unary RPCs
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context):
+        try:
+            _check_parsed(request)
+            try:
+                kind, value = conversion.prompt_input(request)
+            except ValueError as e:
+                raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            self._need_tokenizer("text" if kind == "text" else "chat messages")
+            fn = (lambda e, t: e.tokenize(t)) if kind == "text" else (lambda e, m: e.chat_token_ids(m))
+            ids = await self._on_engine(fn, value)
+            return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.engine.max_model_len)
+        except _Failure as f:
+            await context.abort(f.code, f.message)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context):
+        try:
+            _check_parsed(request)
+            self._need_tokenizer("Detokenize")
+            ids = list(request.token_ids)
+            vocab = self.engine.engine.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids must be in [0, {vocab}); got {bad[:5]}")
+            skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+            text = await self._on_engine(lambda e, t: e.tokenizer.decode(t, skip_special_tokens=skip), ids)
+            return pb.DetokenizeResponse(text=text)
+        except _Failure as f:
+            await context.abort(f.code, f.message)
+
+    async def GetModelInfo(self, request, context):
+        try:
+            _check_parsed(request)
+            e = self._ready_engine().engine
+        except _Failure as f:
+            await context.abort(f.code, f.message)
+        tok = e.tokenizer
+        return pb.ModelInfo(
+            model=self.model_name, architecture=e.model_config.architecture, max_model_len=e.max_model_len,
+            dtype=str(e.kv_dtype), vocab_size=e.model_config.vocab_size,
+            tensor_parallel_size=int(getattr(e.config, "tensor_parallel_size", 1) or 1),
+            block_size=e.config.block_size, num_kv_blocks=e.num_blocks, has_tokenizer=tok is not None,
+            has_chat_template=bool(getattr(tok, "chat_template", None)),
+        )
