@@ -27,6 +27,11 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine | EngineConfig):
         self.engine = engine if isinstance(engine, Engine) else Engine(engine)
@@ -123,16 +128,25 @@ class AsyncEngine:
                 fut.set_exception(e)
 
     def _send(self, rid: str, item) -> None:
-        entry = self._streams.get(rid)
-        if entry is None:
-            return
-        loop, stream = entry
-        if isinstance(item, BaseException) or item.finished:
-            del self._streams[rid]
-        try:
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+        self._send_all([(rid, item)])
+
+    def _send_all(self, items: list[tuple[str, Any]]) -> None:
+        """Hand a step's outputs over: one wake-up per caller event loop, not per request
+        (each call_soon_threadsafe costs the engine thread a lock and a self-pipe write)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, item in items:
+            entry = self._streams.get(rid)
+            if entry is None:
+                continue
+            loop, stream = entry
+            if isinstance(item, BaseException) or item.finished:
+                del self._streams[rid]
+            by_loop.setdefault(loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
 
     def _loop(self) -> None:
         engine = self.engine
@@ -157,7 +171,6 @@ class AsyncEngine:
                 for rid in rids:
                     self._send(rid, EngineDeadError(f"engine step failed: {e!r}"))
                 continue
-            for out in outputs:
-                self._send(out.request_id, out)
+            self._send_all([(out.request_id, out) for out in outputs])
         for rid in list(self._streams):
             self._send(rid, EngineDeadError("engine shut down"))
