@@ -28,13 +28,35 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def _generation_defaults(model: str | None) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json, as vLLM does; greedy
+    when the checkpoint does not ask for sampling."""
+    import json
+    from pathlib import Path
+
+    from jaxengine.config import default_model_dir
+
+    path = Path(model or default_model_dir()) / "generation_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not cfg.get("do_sample"):
+        return {}
+    return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if k in cfg}
+
+
 def _generate(args: argparse.Namespace) -> int:
     from jaxengine.llm import LLM
     from jaxengine.sampling_params import SamplingParams
 
+    defaults = _generation_defaults(args.model)
     try:
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature if args.temperature is not None else defaults.get("temperature", 0.0),
+            top_p=args.top_p if args.top_p is not None else defaults.get("top_p", 1.0),
+            top_k=args.top_k if args.top_k is not None else defaults.get("top_k", -1),
             seed=args.sampling_seed, stop=args.stop or None,
         )
     except ValueError as e:
@@ -104,15 +126,18 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" banner
     parser = argparse.ArgumentParser(prog="jaxengine", description="JAX LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts and print the text as it is generated")
     gen.add_argument("prompts", nargs="+")
     gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config, else 0 (greedy)")
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--stop", action="append")
     gen.add_argument("--quiet", action="store_true", help="no compile progress bar")
