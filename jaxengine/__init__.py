@@ -7,12 +7,13 @@ prefix caching, chunked prefill).
 
 from jaxengine.async_engine import AsyncEngine
 from jaxengine.config import EngineConfig
+from jaxengine.data_parallel import DataParallelEngine, make_engine
 from jaxengine.engine import Engine
 from jaxengine.llm import LLM, generate
 from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
 __all__ = [
-    "AsyncEngine", "CompletionOutput", "Engine", "EngineConfig", "LLM", "Logprob", "OutputKind",
-    "RequestMetrics", "RequestOutput", "SamplingParams", "generate",
+    "AsyncEngine", "CompletionOutput", "DataParallelEngine", "Engine", "EngineConfig", "LLM", "Logprob", "OutputKind",
+    "RequestMetrics", "RequestOutput", "SamplingParams", "generate", "make_engine",
 ]

@@ -32,6 +32,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int = 0
+    # Several devices (models.sharding): tensor_parallel_size devices per model replica, and
+    # data_parallel_size independent replicas (own scheduler and KV pool each) on disjoint
+    # device groups, requests spread round-robin (jaxengine.data_parallel).
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
     compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla")
@@ -52,7 +57,7 @@ class EngineConfig:
             self.max_num_seqs = 16 if on_cpu else 256
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 256 if on_cpu else 8192
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -33,6 +33,7 @@ from jaxengine.sampling_params import SamplingParams
 from jaxengine.scheduler import Scheduler, SchedulerConfig
 from jaxengine.tokenizer import apply_chat_template, load_tokenizer
 from models import PRESETS, CausalLM, ModelConfig, load_model, random_model
+from models.sharding import DP, TP, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,30 @@ class _RequestState:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, *, model: CausalLM | None = None, tokenizer: Any = None, progress: bool = True):
+    def __init__(
+        self, config: EngineConfig, *, model: CausalLM | None = None, tokenizer: Any = None, progress: bool = True,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        """`mesh`: the [dp=1, tp] device mesh this engine runs on (default: built from
+        config.tensor_parallel_size; None when it is 1: everything on the first device).
+        data_parallel_size > 1 is several engines: see jaxengine.data_parallel."""
         self.config = config
+        if mesh is None and config.data_parallel_size > 1:
+            raise ValueError(
+                f"data_parallel_size={config.data_parallel_size}: one Engine is one replica; use jaxengine.LLM "
+                "or jaxengine.data_parallel.DataParallelEngine, which run one Engine per replica"
+            )
+        if mesh is None and config.tensor_parallel_size > 1:
+            mesh = make_mesh(config.tensor_parallel_size)
+        if mesh is not None and (mesh.shape[DP], mesh.shape[TP]) != (1, config.tensor_parallel_size):
+            raise ValueError(
+                f"an engine's mesh must be [dp=1, tp={config.tensor_parallel_size}], got {dict(mesh.shape)}"
+            )
+        self.mesh = mesh
         if config.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        self.model_config, model, self.tokenizer = self._load(config, model, tokenizer)
+        self.model_config, model, self.tokenizer = self._load(config, model, tokenizer, mesh)
         mcfg = self.model_config
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 8192)
         if self.max_model_len > mcfg.max_position_embeddings:
@@ -98,7 +117,7 @@ class Engine:
         self.runner = ModelRunner(
             model, num_blocks=self.num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.scheduler.config.max_num_batched_tokens,
-            kv_dtype=self.kv_dtype, attention_fn=attention_fn,
+            kv_dtype=self.kv_dtype, attention_fn=attention_fn, mesh=mesh,
         )
         self.compile_seconds = self.runner.warmup(progress)
         gc.collect()
@@ -118,18 +137,18 @@ class Engine:
     # ------------------------------------------------------------------ set-up
 
     @staticmethod
-    def _load(config: EngineConfig, model: CausalLM | None, tokenizer: Any):
+    def _load(config: EngineConfig, model: CausalLM | None, tokenizer: Any, mesh: jax.sharding.Mesh | None):
         if model is not None:
-            return model.config, model, tokenizer
+            return model.config, model, tokenizer  # the runner places it on the mesh
         if config.model in PRESETS:
             dtype = _DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
-            model = random_model(config.model, dtype, seed=config.seed)
+            model = random_model(config.model, dtype, seed=config.seed, mesh=mesh)
             return model.config, model, tokenizer
         mcfg = ModelConfig.from_pretrained(config.model)
         name = config.dtype if config.dtype != "auto" else (mcfg.torch_dtype or "bfloat16")
         if name not in _DTYPES:
             name = "bfloat16"
-        model = load_model(config.model, _DTYPES[name])
+        model = load_model(config.model, _DTYPES[name], mesh=mesh)
         if tokenizer is None:
             try:
                 tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -141,15 +160,19 @@ class Engine:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
+        # Per device: with tensor parallelism each device holds num_kv_heads / tp heads of every
+        # block, so the budget (and kv_cache_bytes) is one device's.
+        tp = 1 if self.mesh is None else self.mesh.shape[TP]
         per_token = kv_bytes_per_token(
-            num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads,
+            num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads // tp,
             head_dim=self.model_config.head_dim, dtype=self.kv_dtype,
         )
-        stats = jax.local_devices()[0].memory_stats() or {}
+        device = jax.local_devices()[0] if self.mesh is None else self.mesh.local_devices[0]
+        stats = device.memory_stats() or {}
         if "bytes_limit" in stats:
             # Weights are resident already; leave headroom for activations of the largest
             # step (about max_num_batched_tokens rows of the widest intermediate, float32).
-            act = 4 * cfg.max_num_batched_tokens * (self.model_config.intermediate_size * 3 + self.model_config.vocab_size // 8)
+            act = 4 * cfg.max_num_batched_tokens * (self.model_config.intermediate_size * 3 // tp + self.model_config.vocab_size // 8)
             budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0) - act
         else:
             budget = cfg.kv_cache_bytes

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from jaxengine.config import EngineConfig
-from jaxengine.engine import Engine
+from jaxengine.data_parallel import make_engine
 from jaxengine.outputs import OutputKind, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
@@ -30,7 +30,8 @@ class LLM:
     """An engine for offline batches: `LLM(model).generate(prompts, params)`."""
 
     def __init__(self, model: str | None = None, *, progress: bool = True, **engine_args: Any):
-        self.engine = Engine(EngineConfig.from_kwargs(model, **engine_args), progress=progress)
+        # data_parallel_size > 1: a DataParallelEngine (same interface, one Engine per replica).
+        self.engine = make_engine(EngineConfig.from_kwargs(model, **engine_args), progress=progress)
         self._ids = itertools.count()
 
     @property

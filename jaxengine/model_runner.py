@@ -11,6 +11,7 @@ start-up, the rest when first used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable
@@ -26,6 +27,7 @@ from jaxengine.sampler import SamplerOutput, SamplingTensors, sample, seed_to_wo
 from jaxengine.sampling_params import MAX_LOGPROBS
 from jaxengine.scheduler import ScheduledRequest, SchedulerOutput
 from models import AttentionMetadata, CausalLM
+from models.sharding import check_divisible, kv_cache_sharding, replicated, state_shardings
 
 
 def _pow2(n: int, lo: int) -> int:
@@ -75,7 +77,11 @@ class ModelRunner:
         max_num_batched_tokens: int,
         kv_dtype=jnp.bfloat16,
         attention_fn: Callable | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
+        """`mesh`: run tensor parallel over it (models.sharding): parameters are placed on their
+        shards (a no-op when loaded that way), the KV cache is allocated split by KV head, and
+        attention runs per shard. None: everything on the weights' one device."""
         cfg = model.config
         self.config = cfg
         self.block_size = block_size
@@ -83,14 +89,27 @@ class ModelRunner:
         self.graphdef, state = nnx.split(model)
         # A flat list of leaves: cheap to pass through jit dispatch every step.
         self.state, state_def = jax.tree.flatten(state)
+        self.mesh = mesh
+        if mesh is not None:
+            check_divisible(cfg, mesh)
+            shardings, sharding_def = jax.tree.flatten(state_shardings(state, mesh))
+            assert sharding_def == state_def, "parameter and sharding trees differ"
+            self.state = [jax.device_put(x, s) for x, s in zip(self.state, shardings)]
+        self.state_def = state_def
         self._rows: dict[str, _RequestRow] = {}
         # Committed to the weights' device like every later (donated) cache, so the first
         # call compiles the same program as all the others.
-        self.device = self.state[0].sharding
-        self.kv_caches = [
-            jax.device_put(pallas_kernels.init_kv_cache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype), self.device)
-            for _ in range(cfg.num_layers)
-        ]
+        if mesh is None:
+            self.device = self.state[0].sharding
+            self.kv_caches = [
+                jax.device_put(pallas_kernels.init_kv_cache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype), self.device)
+                for _ in range(cfg.num_layers)
+            ]
+        else:
+            self.device = replicated(mesh)
+            # Allocated in place, each device holding its KV heads (never the whole cache on one).
+            init = functools.partial(pallas_kernels.init_kv_cache, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+            self.kv_caches = [jax.jit(init, out_shardings=kv_cache_sharding(mesh))() for _ in range(cfg.num_layers)]
         # T: powers of two up to the token budget; S: a few sizes, never more than T.
         top = _pow2(max_num_batched_tokens, 1)
         self.token_buckets = [b for b in (2**i for i in range(31)) if min(16, top) <= b <= top]
@@ -99,10 +118,12 @@ class ModelRunner:
 
         def forward(state_leaves, kv_caches, tokens, meta):  # -> logits [S, V] f32, caches
             model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
-            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn)
+            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
-        self._forward = jax.jit(forward, donate_argnums=(1,))
+        # With a mesh: logits gathered (replicated) for the sampler, caches kept split.
+        shardings = {} if mesh is None else {"out_shardings": (self.device, [kv_cache_sharding(mesh)] * cfg.num_layers)}
+        self._forward = jax.jit(forward, donate_argnums=(1,), **shardings)
         self._sample = jax.jit(sample, static_argnames=("num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"))
 
     # ------------------------------------------------------------------ buckets
@@ -275,6 +296,10 @@ class ModelRunner:
                     all_greedy=all_greedy))
                 bar.update()
         return time.perf_counter() - t0
+
+    def model(self) -> CausalLM:
+        """The module over the runner's parameters (for references and checks)."""
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, self.state))
 
     def num_compiled_programs(self) -> int:
         return self._forward._cache_size() + self._sample._cache_size()

@@ -5,8 +5,9 @@ from models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from models.llama import CausalLM
 from models.loader import load_model, restore_params, save_hf_checkpoint, save_params
 from models.presets import PRESETS, preset_config, random_model
+from models.sharding import make_mesh
 
 __all__ = [
     "AttentionMetadata", "CausalLM", "ModelConfig", "PRESETS", "RopeScaling", "SUPPORTED_ARCHITECTURES",
-    "load_model", "preset_config", "random_model", "restore_params", "save_hf_checkpoint", "save_params",
+    "load_model", "make_mesh", "preset_config", "random_model", "restore_params", "save_hf_checkpoint", "save_params",
 ]

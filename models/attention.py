@@ -16,6 +16,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.layers import Dtype, Linear, RMSNorm
 from models.rope import apply_rope, inverse_frequencies
+from models.sharding import shard_heads
 
 # Signature of pallas_kernels.ragged_paged_attention(_reference).
 PagedAttentionFn = Callable[..., jax.Array]
@@ -60,13 +61,22 @@ class Attention(nnx.Module):
         kv_cache: jax.Array,  # one layer's paged cache (layout: pallas_kernels.kv_cache)
         meta: AttentionMetadata,
         attention_fn: PagedAttentionFn,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         q, k, v = self._qkv(x, meta.positions)
-        kv_cache = pallas_kernels.write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = attention_fn(
-            q, kv_cache, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
-            sm_scale=self.cfg.sm_scale, sliding_window=self.sliding_window,
-        )
+        sm_scale, window = self.cfg.sm_scale, self.sliding_window
+
+        def write_and_attend(q, k, v, kv_cache, meta):
+            kv_cache = pallas_kernels.write_kv(kv_cache, k, v, meta.slot_mapping)
+            out = attention_fn(
+                q, kv_cache, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs,
+                sm_scale=sm_scale, sliding_window=window,
+            )
+            return out, kv_cache
+
+        if mesh is not None:  # tensor parallel: the write and the kernel run per shard of heads
+            write_and_attend = shard_heads(write_and_attend, mesh)
+        out, kv_cache = write_and_attend(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(x.shape[0], -1)), kv_cache
 
     def dense(self, x: jax.Array) -> jax.Array:  # [B, L, hidden] -> [B, L, hidden]

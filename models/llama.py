@@ -25,8 +25,8 @@ class DecoderLayer(nnx.Module):
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
 
-    def __call__(self, x, kv_cache, meta, attention_fn):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), kv_cache, meta, attention_fn)
+    def __call__(self, x, kv_cache, meta, attention_fn, mesh=None):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), kv_cache, meta, attention_fn, mesh)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
@@ -64,12 +64,15 @@ class CausalLM(nnx.Module):
         kv_caches: list[jax.Array],  # one per layer
         meta: AttentionMetadata,
         attention_fn: PagedAttentionFn | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> tuple[jax.Array, list[jax.Array]]:  # hidden [T, hidden], updated caches
+        """With `mesh` (parameters and caches sharded by models.sharding), attention runs per
+        `tp` shard under shard_map; everything else is partitioned by XLA."""
         attention_fn = attention_fn or default_paged_attention()
         x = self.model.embed_tokens(tokens)
         new_caches = []
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x, cache = layer(x, cache, meta, attention_fn)
+            x, cache = layer(x, cache, meta, attention_fn, mesh)
             new_caches.append(cache)
         return self.model.norm(x), new_caches
 

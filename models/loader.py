@@ -18,6 +18,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.llama import CausalLM
+from models.sharding import check_divisible, param_sharding
 from models.safetensors_file import SafetensorsCheckpoint, save_safetensors
 
 
@@ -34,12 +35,17 @@ def load_model(
     model_dir: str | Path,
     dtype: Any = jnp.bfloat16,
     sharding: jax.sharding.Sharding | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> CausalLM:
     """Load a checkpoint dir into a CausalLM whose parameters live on `sharding`'s devices
-    (default: the first local device)."""
+    (default: the first local device), or, with `mesh`, split over it by models.sharding's
+    rules: each device receives (and the host reads from the mapped file) only its slice."""
     cfg = ModelConfig.from_pretrained(model_dir)
     ckpt = SafetensorsCheckpoint(model_dir)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if mesh is not None:
+        check_divisible(cfg, mesh)
+    else:
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     flat = nnx.to_flat_state(state)
     leaves = []
@@ -47,13 +53,21 @@ def load_model(
         name = param_name(path)
         if name not in ckpt:
             raise KeyError(f"weight {name!r} is missing from the checkpoint in {model_dir}")
-        if ckpt.shape(name) != var.get_value().shape:
+        shape = var.get_value().shape
+        if ckpt.shape(name) != shape:
             raise ValueError(
                 f"weight {name!r} has shape {ckpt.shape(name)} in the checkpoint, "
-                f"expected {var.get_value().shape} from config.json"
+                f"expected {shape} from config.json"
             )
-        # astype on the mapped view copies just this tensor; device_put frees it after.
-        leaves.append(var.replace(jax.device_put(np.asarray(ckpt[name]).astype(dtype, copy=False), sharding)))
+        if mesh is None:
+            # astype on the mapped view copies just this tensor; device_put frees it after.
+            leaves.append(var.replace(jax.device_put(np.asarray(ckpt[name]).astype(dtype, copy=False), sharding)))
+        else:
+            view = ckpt[name]  # memory-mapped: a device's slice is paged in when it is copied
+            leaves.append(var.replace(jax.make_array_from_callback(
+                shape, param_sharding(name, shape, mesh),
+                lambda index, view=view: np.asarray(view[index]).astype(dtype, copy=False), dtype=dtype,
+            )))
     state = nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves)])
     return nnx.merge(graphdef, state)
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
 from models.llama import CausalLM
+from models.sharding import check_divisible, state_shardings
 
 _LLAMA31_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 
@@ -60,14 +61,21 @@ def preset_config(name: str) -> ModelConfig:
 def random_model(
     name_or_config: str | ModelConfig, dtype: Any = jnp.bfloat16, seed: int = 0,
     sharding: jax.sharding.Sharding | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> CausalLM:
-    """Random weights generated on the device inside one jit (nothing staged on the host)."""
+    """Random weights generated on the device inside one jit (nothing staged on the host);
+    with `mesh`, each parameter is generated straight into its shards (models.sharding).
+    The values do not depend on the sharding."""
     cfg = preset_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def init():
         return nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))
+    if mesh is not None:
+        check_divisible(cfg, mesh)
+        sharding = state_shardings(abstract, mesh)
+    else:
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     state = jax.jit(init, out_shardings=sharding)()
     return nnx.merge(graphdef, state)

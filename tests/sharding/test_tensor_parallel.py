@@ -1,0 +1,232 @@
+"""Tensor and data parallelism on 8 virtual CPU devices: TP 2/4/8 and DP 2 x TP 4 give the
+greedy tokens of TP 1 through the whole engine (float32), parameters and the KV cache are
+really split, the Pallas kernel runs per shard under shard_map, and bad sizes fail clearly.
+
+Needs 8 devices before JAX starts, so the normal suite runs this module in a subprocess
+(tests/sharding/test_multi_device.py). Directly:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest -q tests/sharding/test_tensor_parallel.py
+"""
+
+import dataclasses
+import functools
+import os
+
+import pytest
+
+if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+    pytest.skip("needs 8 CPU devices (run through test_multi_device.py)", allow_module_level=True)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels
+from jaxengine import LLM, SamplingParams
+from models import ModelConfig, load_model, make_mesh, random_model, save_hf_checkpoint
+from models.sharding import logical_to_physical, replica_meshes
+from tests.models.paged_greedy import empty_caches, ragged_step_inputs
+
+PROMPTS = [[5, 17, 99, 3, 200, 41, 8, 8, 120, 7, 66], [250, 1, 2], [9] * 19,
+           [31, 4, 159, 26, 53, 58, 97, 93, 23, 84, 62, 64, 33, 83, 27, 95, 2, 88, 41, 97], [77, 7]]
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
+
+CONFIGS = {
+    # MHA, 8 KV heads: TP up to 8; biases and untied lm_head off.
+    "llama": ModelConfig("LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=8, num_kv_heads=8, head_dim=8, max_position_embeddings=256),
+    # GQA (2 query heads per KV head), q/k norm, head_dim != hidden / heads.
+    "qwen3": ModelConfig("Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=16, num_kv_heads=8, head_dim=16, max_position_embeddings=256, qk_norm=True),
+}
+
+
+def _randomise(model):
+    """Larger weights than the 0.02 init (varied greedy tokens, not one repeated token) and
+    non-trivial norm weights, so a mis-sharded norm would show."""
+    _, state = nnx.split(model)
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        if "norm" in str(path[-2]):
+            var.set_value(var.get_value() + 0.3 * jax.random.normal(jax.random.key(i), var.get_value().shape))
+        else:
+            var.set_value(var.get_value() * 4.0)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    cfg = CONFIGS[request.param]
+    model = _randomise(random_model(cfg, jnp.float32, seed=3))
+    path = tmp_path_factory.mktemp(request.param)
+    save_hf_checkpoint(model, path, jnp.float32)
+    want = _generate(path, 1, 1)
+    return request.param, path, want
+
+
+@functools.cache
+def _llm(path, tp, dp):
+    return LLM(str(path), tensor_parallel_size=tp, data_parallel_size=dp, dtype="float32", max_model_len=64,
+               block_size=8, max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=48, progress=False,
+               compilation_cache_dir="")
+
+
+def _generate(path, tp, dp):
+    return [o.outputs[0].token_ids for o in _llm(path, tp, dp).generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 1), (4, 1), (8, 1), (4, 2)], ids=["tp2", "tp4", "tp8", "dp2xtp4"])
+def test_same_greedy_tokens_as_one_device(checkpoint, tp, dp):
+    _, path, want = checkpoint
+    assert all(len(t) == GREEDY.max_tokens for t in want)
+    assert len({t for seq in want for t in seq}) >= 10  # not one repeated token
+    assert _generate(path, tp, dp) == want
+
+
+def test_engine_params_and_kv_cache_are_split(checkpoint):
+    name, path, _ = checkpoint
+    cfg = CONFIGS[name]
+    tp = 4
+    runner = _llm(path, tp, 1).engine.runner
+    # KV cache: split by KV head, each device holding Hkv / tp heads of every page.
+    for cache in runner.kv_caches:
+        assert cache.sharding.spec == P(None, "tp", None, None, None)
+        shards = cache.addressable_shards
+        assert len(shards) == tp and len({s.device for s in shards}) == tp
+        assert all(s.data.shape == (2, cfg.num_kv_heads // tp, 48, 8, cfg.head_dim) for s in shards)
+    # Every parameter leaf lives on the 4 devices of the mesh.
+    assert all(len(leaf.sharding.device_set) == tp for leaf in runner.state)
+
+
+def test_loaded_params_are_split(checkpoint):
+    name, path, _ = checkpoint
+    cfg = CONFIGS[name]
+    tp = 8
+    model = load_model(path, jnp.float32, mesh=make_mesh(tp))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    d, h = cfg.head_dim, cfg.hidden_size
+    want = {  # array -> (spec, one device's shard shape)
+        "q_proj": (attn.q_proj.weight, P("tp", None), (cfg.num_heads * d // tp, h)),
+        "k_proj": (attn.k_proj.weight, P("tp", None), (cfg.num_kv_heads * d // tp, h)),
+        "v_proj": (attn.v_proj.weight, P("tp", None), (cfg.num_kv_heads * d // tp, h)),
+        "o_proj": (attn.o_proj.weight, P(None, "tp"), (h, cfg.num_heads * d // tp)),
+        "gate_proj": (mlp.gate_proj.weight, P("tp", None), (cfg.intermediate_size // tp, h)),
+        "up_proj": (mlp.up_proj.weight, P("tp", None), (cfg.intermediate_size // tp, h)),
+        "down_proj": (mlp.down_proj.weight, P(None, "tp"), (h, cfg.intermediate_size // tp)),
+        "embed_tokens": (model.model.embed_tokens.weight, P("tp", None), (cfg.vocab_size // tp, h)),
+        "norm": (model.model.norm.weight, P(None), (h,)),
+    }
+    if cfg.qk_norm:
+        want["q_norm"] = (attn.q_norm.weight, P(None), (d,))
+    if model.lm_head is not None:
+        want["lm_head"] = (model.lm_head.weight, P("tp", None), (cfg.vocab_size // tp, h))
+    for what, (param, spec, shard_shape) in want.items():
+        arr = param[...]
+        assert arr.sharding.spec == spec, what
+        shards = arr.addressable_shards
+        assert len({s.device for s in shards}) == tp, what
+        assert all(s.data.shape == shard_shape for s in shards), what
+    # Same values as a one-device load.
+    one = load_model(path, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(attn.o_proj.weight[...]), np.asarray(one.model.layers[0].self_attn.o_proj.weight[...]))
+
+
+def test_random_model_generated_in_shards():
+    cfg = CONFIGS["qwen3"]
+    mesh = make_mesh(8)
+    sharded = random_model(cfg, jnp.float32, seed=1, mesh=mesh)
+    one = random_model(cfg, jnp.float32, seed=1)
+    w = sharded.model.layers[1].mlp.down_proj.weight[...]
+    assert w.sharding.spec == P(None, "tp") and w.addressable_shards[0].data.shape == (64, 96 // 8)
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(one.model.layers[1].mlp.down_proj.weight[...]))
+
+
+def test_pallas_kernel_per_shard_matches_reference():
+    """The Pallas kernel (interpret mode) inside shard_map over tp = 4, against the jnp
+    reference on one device: prompt logits agree."""
+    cfg = CONFIGS["qwen3"]
+    mesh = make_mesh(4)
+    prompts = PROMPTS[:3]
+    pages = 3
+    tokens, meta = ragged_step_inputs(prompts, [0] * len(prompts), pages)
+    kernel = functools.partial(pallas_kernels.ragged_paged_attention, interpret=True)
+
+    def logits(model, caches, attention_fn, mesh):
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def run(state, caches):
+            m = nnx.merge(graphdef, state)
+            hidden, caches = m(tokens, caches, meta, attention_fn, mesh)
+            return m.compute_logits(hidden), caches
+
+        out, caches = run(state, caches)
+        return np.asarray(out), caches
+
+    one = random_model(cfg, jnp.float32, seed=2)
+    want, _ = logits(one, empty_caches(one, len(prompts), pages), pallas_kernels.ragged_paged_attention_reference, None)
+    sharded = random_model(cfg, jnp.float32, seed=2, mesh=mesh)
+    kv = jax.sharding.NamedSharding(mesh, P(None, "tp", None, None, None))
+    caches = [jax.device_put(c, kv) for c in empty_caches(one, len(prompts), pages)]
+    got, caches = logits(sharded, caches, kernel, mesh)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert caches[0].sharding.is_equivalent_to(kv, 5)  # still split by KV head after the step
+
+
+def test_data_parallel_replicas_on_disjoint_devices(checkpoint):
+    _, path, _ = checkpoint
+    engine = _llm(path, 4, 2).engine
+    groups = [{d.id for leaf in e.runner.state for d in leaf.sharding.device_set} for e in engine.replicas]
+    assert len(groups) == 2 and all(len(g) == 4 for g in groups) and not groups[0] & groups[1]
+    assert engine.stats()["num_running"] == 0
+
+
+def test_divisibility_errors_are_clear():
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(8\)"):
+        random_model("tiny-llama", jnp.float32, mesh=make_mesh(8))
+    cfg = dataclasses.replace(CONFIGS["llama"], intermediate_size=100, vocab_size=510)
+    with pytest.raises(ValueError) as err:
+        random_model(cfg, jnp.float32, mesh=make_mesh(8))
+    assert "intermediate_size (100) is not divisible by tensor_parallel_size (8)" in str(err.value)
+    assert "vocab_size (510)" in str(err.value)
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel_size \(4\)"):
+        LLM("tiny-llama", tensor_parallel_size=4, dtype="float32", progress=False)
+    with pytest.raises(ValueError, match=r"= 16 devices, but only 8 are available"):
+        LLM("tiny-llama", tensor_parallel_size=8, data_parallel_size=2, progress=False)
+
+
+def test_rules_and_meshes():
+    assert logical_to_physical(("heads", "embed")) == P("tp", None)
+    assert logical_to_physical(("kv", "kv_heads", "pages", "page", "head_dim")) == P(None, "tp", None, None, None)
+    with pytest.raises(ValueError, match="mesh axis 'tp' is used twice"):
+        logical_to_physical(("heads", "mlp"))
+    with pytest.raises(KeyError, match="no rule"):
+        logical_to_physical(("nonsense",))
+    mesh = make_mesh(2, 4)
+    assert dict(mesh.shape) == {"dp": 4, "tp": 2}
+    rows = replica_meshes(mesh)
+    assert [r.devices.shape for r in rows] == [(1, 2)] * 4
+    assert len({d for r in rows for d in r.devices.flat}) == 8
+
+
+def test_collectives_are_xlas_and_few(checkpoint):
+    """The compiled TP step has only the Megatron collectives, inserted by XLA: one all-reduce
+    for the vocab-split embedding, two per layer (after o_proj and down_proj), and one
+    all-gather of the logits; the KV cache is never gathered."""
+    import re
+
+    from models import AttentionMetadata
+
+    name, path, _ = checkpoint
+    runner = _llm(path, 4, 1).engine.runner
+    t, s = 16, 4
+    meta = AttentionMetadata(
+        positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32), kv_lens=np.zeros(s, np.int32),
+        page_indices=np.zeros((s, runner.max_pages), np.int32), cu_q_lens=np.zeros(s + 1, np.int32),
+        num_seqs=np.zeros(1, np.int32), logits_indices=np.zeros(s, np.int32),
+    )
+    hlo = runner._forward.lower(runner.state, runner.kv_caches, np.zeros(t, np.int32), meta).compile().as_text()
+    ops = re.findall(r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo)
+    assert ops.count("all-reduce") == 1 + 2 * CONFIGS[name].num_layers, ops
+    assert ops.count("all-gather") == 1 and "all-to-all" not in ops and "collective-permute" not in ops, ops
