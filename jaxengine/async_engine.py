@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from jaxengine.config import EngineConfig
+from jaxengine.data_parallel import DataParallelEngine, make_engine
 from jaxengine.engine import Engine
 from jaxengine.outputs import OutputKind, RequestOutput
 from jaxengine.sampling_params import SamplingParams
@@ -33,8 +34,8 @@ def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine | EngineConfig):
-        self.engine = engine if isinstance(engine, Engine) else Engine(engine)
+    def __init__(self, engine: Engine | DataParallelEngine | EngineConfig):
+        self.engine = make_engine(engine) if isinstance(engine, EngineConfig) else engine
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()

@@ -63,6 +63,7 @@ class _RequestState:
     samples: list[_Sample]
     metrics: RequestMetrics
     final_sent: bool = False
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -251,7 +252,8 @@ class Engine:
                 )
             samples.append(_Sample(child, detok, logprobs=[] if params.logprobs is not None else None))
         self._states[request_id] = _RequestState(
-            request_id, text, ids, params, output_kind, samples, RequestMetrics(root.arrival_time)
+            request_id, text, ids, params, output_kind, samples, RequestMetrics(root.arrival_time),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(ids),
         )
         return request_id
 
@@ -281,7 +283,7 @@ class Engine:
         t0 = time.perf_counter()
         done = None
         if self._in_flight is not None:
-            out, result = self._in_flight
+            out, inputs, (result, prompt_lp) = self._in_flight
             self._in_flight = None
             token_ids = np.asarray(result.token_ids)  # waits for the device
             t_ready = time.perf_counter()
@@ -289,13 +291,13 @@ class Engine:
             self.timing["wait_seconds"] += wait
             self.timing["host_bound_steps"] += wait < 1e-4  # the device finished before we looked
             sampled = {s.request.request_id: [int(token_ids[i])] for i, s in enumerate(out.scheduled) if s.sample}
-            done = (out, result, self.scheduler.update(out, sampled))
+            done = (out, inputs, result, prompt_lp, self.scheduler.update(out, sampled))
         else:
             t_ready = t0
         nxt = self.scheduler.schedule()
         if nxt.scheduled:
-            result = self.runner.execute(self.runner.prepare(nxt, self._seeds))
-            self._in_flight = (nxt, result)
+            inputs = self.runner.prepare(nxt, self._seeds)
+            self._in_flight = (nxt, inputs, self.runner.execute(inputs))
             t_dispatch = time.perf_counter()
             self.timing["critical_seconds"] += t_dispatch - t_ready
             self.timing["steps"] += 1
@@ -312,7 +314,9 @@ class Engine:
     def _process(self, done) -> list[RequestOutput]:
         touched: dict[str, _RequestState] = {}
         if done is not None:
-            out, result, updated = done
+            out, inputs, result, prompt_lp, updated = done
+            if prompt_lp is not None:
+                self._deliver_prompt_logprobs(inputs, jax.tree.map(np.asarray, prompt_lp))
             rows = {s.request.request_id: i for i, s in enumerate(out.scheduled)}
             host = None
             if any(self._states[self._child_to_parent[r.request_id]].params.logprobs is not None for r in updated):
@@ -328,6 +332,23 @@ class Engine:
                 touched[rid] = self._states[rid]
         self._aborted.clear()
         return [o for o in (self._make_output(st) for st in touched.values()) if o is not None]
+
+    def _deliver_prompt_logprobs(self, inputs, lp) -> None:
+        """vLLM's shape: per prompt position, {token: Logprob} for the actual token and the
+        top-k; position 0 stays None (nothing predicts the first token)."""
+        for r, (child_id, pos) in enumerate(inputs.prompt_slots):
+            state = self._states.get(self._child_to_parent.get(child_id, ""))
+            if state is None:  # aborted meanwhile
+                continue
+            k = state.params.prompt_logprobs
+            target = int(inputs.prompt_targets[r])
+            entry = {target: Logprob(float(lp.logprobs[r]))}
+            for rank, (tid, val) in enumerate(zip(lp.top_ids[r], lp.top_logprobs[r]), 1):
+                if int(tid) == target:
+                    entry[target].rank = rank
+                elif rank <= k:
+                    entry[int(tid)] = Logprob(float(val), rank)
+            state.prompt_logprobs[pos] = entry
 
     def _deliver_token(self, state: _RequestState, sample: _Sample, req: Request, host, row: int) -> None:
         tok = req.output_token_ids[-1]
@@ -382,7 +403,8 @@ class Engine:
             ))
         num_cached = max(s.request.num_cached_tokens for s in state.samples)
         return RequestOutput(
-            state.request_id, state.prompt, state.prompt_token_ids, outputs, finished, state.metrics, max(num_cached, 0)
+            state.request_id, state.prompt, state.prompt_token_ids, outputs, finished, state.metrics, max(num_cached, 0),
+            prompt_logprobs=state.prompt_logprobs,
         )
 
     # ------------------------------------------------------------------ stats

@@ -92,7 +92,8 @@ class KVCacheManager:
         token), so a prompt of exactly k full blocks can hit at most k - 1 of them.
         Returns (blocks, number of hit tokens); takes no references (see allocate_slots).
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            # Prompt logprobs need the logits of every prompt position: compute them all.
             return [], 0
         bs = self.block_size
         max_hit_blocks = (request.num_tokens - 1) // bs

@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import pallas_kernels
-from jaxengine.sampler import SamplerOutput, SamplingTensors, sample, seed_to_words
+from jaxengine.sampler import SamplerOutput, SamplingTensors, compute_logprobs, sample, seed_to_words
 from jaxengine.sampling_params import MAX_LOGPROBS
 from jaxengine.scheduler import ScheduledRequest, SchedulerOutput
 from models import AttentionMetadata, CausalLM
@@ -46,6 +46,21 @@ class StepInputs:
     use_penalties: bool
     all_greedy: bool
     num_seqs: int  # real rows
+    # Prompt logprobs (None when no scheduled request asks): flat rows whose next token is a
+    # prompt token, that token, and where the answer goes: (request id, prompt position).
+    prompt_rows: np.ndarray | None = None  # [R] int32
+    prompt_targets: np.ndarray | None = None  # [R] int32
+    prompt_slots: list[tuple[str, int]] | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Device arrays for StepInputs.prompt_rows: log_softmax of the raw logits."""
+
+    logprobs: jax.Array  # [R] f32, of the actual next prompt token
+    top_ids: jax.Array  # [R, MAX_LOGPROBS] i32
+    top_logprobs: jax.Array  # [R, MAX_LOGPROBS] f32
 
 
 @dataclasses.dataclass
@@ -121,9 +136,20 @@ class ModelRunner:
             hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
+        def forward_prompt(state_leaves, kv_caches, tokens, meta, rows, targets):
+            """forward, plus logprobs of the next prompt token at `rows` (prompt_logprobs)."""
+            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
+            lp = compute_logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
+            return model.compute_logits(hidden[meta.logits_indices]), kv_caches, lp
+
         # With a mesh: logits gathered (replicated) for the sampler, caches kept split.
-        shardings = {} if mesh is None else {"out_shardings": (self.device, [kv_cache_sharding(mesh)] * cfg.num_layers)}
+        kv_out = [kv_cache_sharding(mesh)] * cfg.num_layers if mesh is not None else None
+        shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out)}
         self._forward = jax.jit(forward, donate_argnums=(1,), **shardings)
+        # Compiled on first use (per T, S and row bucket): prompt logprobs are rare.
+        shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out, self.device)}
+        self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), **shardings)
         self._sample = jax.jit(sample, static_argnames=("num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"))
 
     # ------------------------------------------------------------------ buckets
@@ -157,6 +183,9 @@ class ModelRunner:
         kv_lens: list[int] = []
         cu = [0]
         table_rows = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_slots: list[tuple[str, int]] = []
         for s in sched:
             n, start, table = s.num_tokens, s.start_position, s.block_ids
             row = self._table_row(s, seeds)
@@ -171,6 +200,13 @@ class ModelRunner:
                 pos = range(start, start + n)
                 positions += pos
                 slots += [table[p // bs] * bs + p % bs for p in pos]
+            req = s.request
+            if req.sampling_params.prompt_logprobs is not None and req.sample_index == 0:
+                # Row start+i predicts the prompt token at start+i+1 (n > 1 children share one answer).
+                for i in range(min(n, req.num_prompt_tokens - 1 - start)):
+                    prompt_rows.append(cu[-1] + i)
+                    prompt_targets.append(all_ids[start + i + 1])
+                    prompt_slots.append((req.request_id, start + i + 1))
             kv_lens.append(start + n)
             cu.append(cu[-1] + n)
 
@@ -191,7 +227,14 @@ class ModelRunner:
             logits_indices=np.maximum(cu_arr[1:] - 1, 0),
         )
         sampling, flags = self._sampling_tensors(sched, s_pad, seeds)
-        return StepInputs(padded(tokens, t_pad, 0), meta, sampling, *flags, num_seqs)
+        inputs = StepInputs(padded(tokens, t_pad, 0), meta, sampling, *flags, num_seqs)
+        if prompt_rows:
+            r_pad = _pow2(len(prompt_rows), 16)
+            inputs = dataclasses.replace(
+                inputs, prompt_rows=padded(prompt_rows, r_pad, 0), prompt_targets=padded(prompt_targets, r_pad, 0),
+                prompt_slots=prompt_slots,
+            )
+        return inputs
 
     def _table_row(self, s: ScheduledRequest, seeds: dict[str, int]) -> "_RequestRow":
         rid = s.request.request_id
@@ -262,14 +305,20 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ device side
 
-    def execute(self, inputs: StepInputs) -> SamplerOutput:
+    def execute(self, inputs: StepInputs) -> tuple[SamplerOutput, PromptLogprobs | None]:
         """Dispatch the step; returns device arrays (asynchronous until read)."""
-        logits, self.kv_caches = self._forward(self.state, self.kv_caches, inputs.tokens, inputs.meta)
+        prompt = None
+        if inputs.prompt_rows is None:
+            logits, self.kv_caches = self._forward(self.state, self.kv_caches, inputs.tokens, inputs.meta)
+        else:
+            logits, self.kv_caches, lp = self._forward_prompt(
+                self.state, self.kv_caches, inputs.tokens, inputs.meta, inputs.prompt_rows, inputs.prompt_targets)
+            prompt = PromptLogprobs(*lp)
         return self._sample(
             logits, inputs.sampling, num_logprobs=inputs.num_logprobs,
             use_top_k_top_p=inputs.use_top_k_top_p, use_penalties=inputs.use_penalties,
             all_greedy=inputs.all_greedy,
-        )
+        ), prompt
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every (T, S) forward bucket and the common sampler variants; returns seconds."""
@@ -302,4 +351,4 @@ class ModelRunner:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, self.state))
 
     def num_compiled_programs(self) -> int:
-        return self._forward._cache_size() + self._sample._cache_size()
+        return self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()

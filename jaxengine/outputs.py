@@ -54,3 +54,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Per prompt position (None at 0): {token id: Logprob} for the actual token and the top-k.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

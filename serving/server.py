@@ -152,9 +152,9 @@ def _load_in_thread(config: EngineConfig, progress: bool) -> tuple[asyncio.Futur
 
     def work():
         try:
-            from jaxengine.engine import Engine
+            from jaxengine.data_parallel import make_engine
 
-            result = Engine(config, progress=progress)
+            result = make_engine(config, progress=progress)
         except BaseException as e:  # noqa: BLE001 - handed to the loop
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
         else:

@@ -83,3 +83,34 @@ def test_logprobs_match_log_softmax_of_reference_logits(setup):
             assert abs(lp.logprob - ref[step, tid]) < 1e-4
         assert entry[tok_id].rank == 1  # greedy picks the top token
     assert abs(out.cumulative_logprob - sum(ref[i, t] for i, t in enumerate(out.token_ids))) < 1e-3
+
+
+def test_prompt_logprobs_match_reference(setup):
+    tok, hf, llm = setup
+    prompt = PROMPTS[2]
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    out = llm.generate(prompt, params)[0]
+    ids = out.prompt_token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0], -1).numpy()
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(ids)
+    assert out.prompt_logprobs[0] is None  # nothing predicts the first token
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        assert ids[pos] in entry
+        assert set(np.argsort(-ref[pos - 1])[:3].tolist()) <= set(entry)
+        for tid, lp in entry.items():
+            assert abs(lp.logprob - ref[pos - 1, tid]) < 1e-4
+
+
+def test_prompt_logprobs_with_chunked_prefill(setup):
+    # The same numbers when the prompt is split over several steps.
+    tok, hf, llm = setup
+    small = LLM(str(default_model_dir()), dtype="float32", max_num_seqs=4, max_num_batched_tokens=8, progress=False)
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2)
+    a = llm.generate(PROMPTS[2], params)[0].prompt_logprobs
+    b = small.generate(PROMPTS[2], params)[0].prompt_logprobs
+    assert len(a) == len(b) and a[0] is None and b[0] is None
+    for x, y in zip(a[1:], b[1:]):
+        assert x.keys() == y.keys()
+        assert all(abs(x[k].logprob - y[k].logprob) < 1e-4 for k in x)
