@@ -103,23 +103,24 @@ class Engine:
                 f"{mcfg.max_position_embeddings}; lower max_model_len"
             )
         self.kv_dtype = jax.tree.leaves(model)[0].dtype
-        self.num_blocks = self._num_kv_blocks(model)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
-            max_model_len=self.max_model_len, block_size=config.block_size, num_blocks=self.num_blocks,
-            enable_prefix_caching=config.enable_prefix_caching, policy=config.scheduling_policy,
-        ))
         attention_fn = None
         if config.use_pallas is not None:
             import pallas_kernels
 
             attention_fn = pallas_kernels.ragged_paged_attention if config.use_pallas else pallas_kernels.ragged_paged_attention_reference
+        max_batched = max(config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(
-            model, num_blocks=self.num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.scheduler.config.max_num_batched_tokens,
+            model, num_blocks=None, block_size=config.block_size, max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_dtype=self.kv_dtype, attention_fn=attention_fn, mesh=mesh,
         )
+        self.num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
+            max_model_len=self.max_model_len, block_size=config.block_size, num_blocks=self.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching, policy=config.scheduling_policy,
+        ))
         self.compile_seconds = self.runner.warmup(progress)
         gc.collect()
         gc.freeze()  # start-up objects never need scanning again: no long GC pauses mid-run
@@ -157,7 +158,7 @@ class Engine:
                 log.warning("no tokenizer (%s): token ids in and out only", e)
         return mcfg, model, tokenizer
 
-    def _num_kv_blocks(self, model: CausalLM) -> int:
+    def _num_kv_blocks(self) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
@@ -171,10 +172,11 @@ class Engine:
         device = jax.local_devices()[0] if self.mesh is None else self.mesh.local_devices[0]
         stats = device.memory_stats() or {}
         if "bytes_limit" in stats:
-            # Weights are resident already; leave headroom for activations of the largest
-            # step (about max_num_batched_tokens rows of the widest intermediate, float32).
-            act = 4 * cfg.max_num_batched_tokens * (self.model_config.intermediate_size * 3 // tp + self.model_config.vocab_size // 8)
-            budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0) - act
+            # Weights are resident already; subtract the largest step's activations, measured
+            # from its compiled program.
+            self.activation_peak_bytes = self.runner.profile_peak_bytes()
+            budget = (stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+                      - self.activation_peak_bytes)
         else:
             budget = cfg.kv_cache_bytes
         return num_blocks_for_budget(int(budget), cfg.block_size, per_token)

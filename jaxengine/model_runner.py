@@ -85,7 +85,7 @@ class ModelRunner:
         self,
         model: CausalLM,
         *,
-        num_blocks: int,
+        num_blocks: int | None,
         block_size: int,
         max_model_len: int,
         max_num_seqs: int,
@@ -112,19 +112,11 @@ class ModelRunner:
             self.state = [jax.device_put(x, s) for x, s in zip(self.state, shardings)]
         self.state_def = state_def
         self._rows: dict[str, _RequestRow] = {}
-        # Committed to the weights' device like every later (donated) cache, so the first
-        # call compiles the same program as all the others.
-        if mesh is None:
-            self.device = self.state[0].sharding
-            self.kv_caches = [
-                jax.device_put(pallas_kernels.init_kv_cache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype), self.device)
-                for _ in range(cfg.num_layers)
-            ]
-        else:
-            self.device = replicated(mesh)
-            # Allocated in place, each device holding its KV heads (never the whole cache on one).
-            init = functools.partial(pallas_kernels.init_kv_cache, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-            self.kv_caches = [jax.jit(init, out_shardings=kv_cache_sharding(mesh))() for _ in range(cfg.num_layers)]
+        self.device = self.state[0].sharding if mesh is None else replicated(mesh)
+        self.kv_dtype = kv_dtype
+        self.kv_caches: list[jax.Array] = []
+        if num_blocks is not None:
+            self.allocate_kv_cache(num_blocks)
         # T: powers of two up to the token budget; S: a few sizes, never more than T.
         top = _pow2(max_num_batched_tokens, 1)
         self.token_buckets = [b for b in (2**i for i in range(31)) if min(16, top) <= b <= top]
@@ -151,6 +143,37 @@ class ModelRunner:
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out, self.device)}
         self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), **shardings)
         self._sample = jax.jit(sample, static_argnames=("num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"))
+
+    # ------------------------------------------------------------------ memory
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One cache per layer, committed to the weights' device(s) like every later (donated)
+        cache, so the first call compiles the same program as all the others; with a mesh,
+        allocated in place, each device holding its KV heads."""
+        cfg, bs = self.config, self.block_size
+        self.kv_caches = []  # drop any earlier cache before allocating the new one
+        init = functools.partial(pallas_kernels.init_kv_cache, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
+        if self.mesh is None:
+            self.kv_caches = [jax.device_put(init(), self.device) for _ in range(cfg.num_layers)]
+        else:
+            self.kv_caches = [jax.jit(init, out_shardings=kv_cache_sharding(self.mesh))() for _ in range(cfg.num_layers)]
+
+    def profile_peak_bytes(self) -> int:
+        """Temporary device memory of the largest step, from XLA's own accounting of the
+        compiled program (lowered over a 2-page cache: the kernel never materialises the
+        context, so the pool size does not change the activations)."""
+        cfg, t = self.config, self.token_buckets[-1]
+        s = min(self.seq_buckets[-1], t)
+        kv_sharding = self.device if self.mesh is None else kv_cache_sharding(self.mesh)
+        kv = [jax.ShapeDtypeStruct((2, cfg.num_kv_heads, 2, self.block_size, cfg.head_dim), self.kv_dtype,
+                                   sharding=kv_sharding)] * cfg.num_layers
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        meta = AttentionMetadata(
+            positions=i32(t), slot_mapping=i32(t), kv_lens=i32(s), page_indices=i32(s, self.max_pages),
+            cu_q_lens=i32(s + 1), num_seqs=i32(1), logits_indices=i32(s),
+        )
+        analysis = self._forward.lower(self.state, kv, i32(t), meta).compile().memory_analysis()
+        return 0 if analysis is None else int(analysis.temp_size_in_bytes)
 
     # ------------------------------------------------------------------ buckets
 

@@ -170,3 +170,9 @@ def test_seeded_sampling_independent_of_batch(llm):
     assert batch[3].outputs[0].token_ids == alone
     other_seed = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=123)  # same low 32 bits
     assert llm.generate([PROMPTS[3]], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_profiled_activation_peak_grows_with_token_budget(checkpoint):
+    small = _llm(checkpoint[0], max_num_batched_tokens=16).engine.runner.profile_peak_bytes()
+    large = _llm(checkpoint[0], max_num_batched_tokens=64).engine.runner.profile_peak_bytes()
+    assert 0 < small < large
