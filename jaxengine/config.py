@@ -37,6 +37,8 @@ class EngineConfig:
     # device groups, requests spread round-robin (jaxengine.data_parallel).
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Schedule step N+1 while step N runs on the device (vLLM V1's async scheduling).
+    async_scheduling: bool = True
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
     compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla")

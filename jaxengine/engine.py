@@ -131,7 +131,8 @@ class Engine:
         self._child_to_parent: dict[str, str] = {}
         self._ids = itertools.count()
         self._aborted: list[str] = []  # parents whose final output is still to be delivered
-        self._in_flight = None  # (SchedulerOutput, SamplerOutput) dispatched, not yet collected
+        self._in_flight = None  # (SchedulerOutput, StepInputs, results) dispatched, not yet collected
+        self._num_penalised = 0  # live requests with penalties: they need synchronous steps
         # critical: from collecting a step to dispatching the next (the device surely idles);
         # host_bound_steps: steps whose result was ready before the host came for it.
         self.timing = {"critical_seconds": 0.0, "wait_seconds": 0.0, "loop_seconds": 0.0, "steps": 0, "host_bound_steps": 0}
@@ -240,6 +241,8 @@ class Engine:
         except ValueError:
             self.scheduler.finish_requests([c.request_id for c in added])
             raise
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            self._num_penalised += 1  # back to 0 when the request's state is dropped
         samples = []
         for child in children:
             seed = child.sampling_params.seed
@@ -277,6 +280,49 @@ class Engine:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
+        """One engine iteration. With async scheduling (the default) the next step is
+        scheduled and dispatched before the running one's tokens are collected, so the host's
+        work hides behind the device's; steps fall back to `_step_sync` when nothing is in
+        flight or a running request uses penalties (they need every token on the host)."""
+        if self.config.async_scheduling and self._in_flight is not None and not self._num_penalised:
+            return self._step_async()
+        return self._step_sync()
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and dispatch step N+1 while N runs (its sampled tokens are fed to N+1
+        on the device), then collect N. A request that ends at N (EOS, stop token, length,
+        stop string) has already been given one more token in N+1: update() drops it."""
+        t0 = time.perf_counter()
+        prev_out, prev_inputs, (prev_result, prev_prompt) = self._in_flight
+        nxt = self.scheduler.schedule()
+        new = None
+        if nxt.scheduled:
+            prev_rows = {s.request.request_id: i for i, s in enumerate(prev_out.scheduled) if s.sample}
+            inputs = self.runner.prepare(nxt, self._seeds, prev_rows)
+            new = (nxt, inputs, self.runner.execute(inputs, prev_result.token_ids))
+            self._mark_scheduled(nxt)
+        t_dispatch = time.perf_counter()
+        token_ids = np.asarray(prev_result.token_ids)  # waits for step N
+        wait = time.perf_counter() - t_dispatch
+        if wait < 1e-4:  # N was done before N+1 was queued: the device may have idled
+            self.timing["host_bound_steps"] += 1
+            self.timing["critical_seconds"] += t_dispatch - t0
+        self.timing["wait_seconds"] += wait
+        sampled = {s.request.request_id: [int(token_ids[i])] for i, s in enumerate(prev_out.scheduled) if s.sample}
+        updated = self.scheduler.update(prev_out, sampled)
+        self._in_flight = new
+        outputs = self._process((prev_out, prev_inputs, prev_result, prev_prompt, updated))
+        self.timing["loop_seconds"] += time.perf_counter() - t0
+        return outputs
+
+    def _mark_scheduled(self, out) -> None:
+        self.timing["steps"] += 1
+        now = time.monotonic()
+        for s in out.scheduled:
+            m = self._states[self._child_to_parent[s.request.request_id]].metrics
+            m.first_scheduled_time = m.first_scheduled_time or now
+
+    def _step_sync(self) -> list[RequestOutput]:
         """One iteration, pipelined so the device never waits for output processing:
         collect the step in flight, schedule and dispatch the next one, and only then turn
         the collected tokens into outputs (detokenize, stop strings, logprobs) while the
@@ -300,15 +346,8 @@ class Engine:
         if nxt.scheduled:
             inputs = self.runner.prepare(nxt, self._seeds)
             self._in_flight = (nxt, inputs, self.runner.execute(inputs))
-            t_dispatch = time.perf_counter()
-            self.timing["critical_seconds"] += t_dispatch - t_ready
-            self.timing["steps"] += 1
-            now = time.monotonic()
-            for s in nxt.scheduled:
-                m = self._states[self._child_to_parent[s.request.request_id]].metrics
-                m.first_scheduled_time = m.first_scheduled_time or now
-        else:
-            self.scheduler.update(nxt, {})  # keep schedule()/update() strictly alternating
+            self.timing["critical_seconds"] += time.perf_counter() - t_ready
+            self._mark_scheduled(nxt)
         outputs = self._process(done)
         self.timing["loop_seconds"] += time.perf_counter() - t0
         return outputs
@@ -382,6 +421,9 @@ class Engine:
         if finished:
             state.metrics.finished_time = time.monotonic()
             del self._states[state.request_id]
+            p = state.params
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                self._num_penalised -= 1
             for s in state.samples:
                 self._seeds.pop(s.request.request_id, None)
                 self._child_to_parent.pop(s.request.request_id, None)

@@ -160,7 +160,10 @@ class KVCacheManager:
             self.req_to_block_ids[rid] += new_ids
         num_cached = self.num_cached_blocks.get(rid, 0)
         if self.enable_caching:
-            num_full = num_total // bs  # num_total <= num_tokens: these are all known
+            # Only blocks whose token ids are all known are hashed (with async scheduling the
+            # last scheduled token may still be on the device); a block left out is cached
+            # by a later call, which `room` below guarantees.
+            num_full = min(num_total, len(request.all_token_ids)) // bs
             if num_full > num_cached:
                 self._cache_full_blocks(request, blocks, num_cached, num_full)
                 num_cached = num_full

@@ -51,6 +51,9 @@ class StepInputs:
     prompt_rows: np.ndarray | None = None  # [R] int32
     prompt_targets: np.ndarray | None = None  # [R] int32
     prompt_slots: list[tuple[str, int]] | None = None
+    # Async scheduling: per token, the row of the previous step's sampled tokens that holds
+    # it (-1: known on the host, in `tokens`). None when every token is known.
+    token_src: np.ndarray | None = None  # [T] int32
 
 
 @jax.tree_util.register_dataclass
@@ -78,6 +81,14 @@ def _static_sampling(req, seed: int) -> tuple[float, ...]:
     hi, lo = seed_to_words(seed)
     return (p.temperature, max(p.top_k, 0), p.top_p, p.min_p, p.repetition_penalty,
             p.presence_penalty, p.frequency_penalty, hi, lo)
+
+
+def _merge_tokens(
+    tokens: jax.Array,  # [T] int32, host-known tokens (0 where pending)
+    src: jax.Array,  # [T] int32, row in prev_token_ids, or -1
+    prev_token_ids: jax.Array,  # [S_prev] int32, the previous step's sampled tokens
+) -> jax.Array:  # [T]
+    return jnp.where(src >= 0, prev_token_ids[jnp.maximum(src, 0)], tokens)
 
 
 class ModelRunner:
@@ -142,6 +153,7 @@ class ModelRunner:
         # Compiled on first use (per T, S and row bucket): prompt logprobs are rare.
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out, self.device)}
         self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), **shardings)
+        self._merge_tokens = jax.jit(_merge_tokens)
         self._sample = jax.jit(sample, static_argnames=("num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"))
 
     # ------------------------------------------------------------------ memory
@@ -185,12 +197,14 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ host side
 
-    def prepare(self, out: SchedulerOutput, seeds: dict[str, int]) -> StepInputs:
+    def prepare(self, out: SchedulerOutput, seeds: dict[str, int], prev_rows: dict[str, int] | None = None) -> StepInputs:
         """Flatten the scheduled requests into the ragged batch (numpy, padded).
 
         This is on the host's critical path every step, so per-request work is plain Python
         on cached rows: a request's block-table row and its sampling parameters are built once
-        and touched again only when it gets new blocks."""
+        and touched again only when it gets new blocks. `prev_rows`: with async scheduling,
+        the row of each request in the step still running, whose sampled token (not yet on
+        the host) is this step's input: the device takes it from there."""
         for rid in (*out.finished_req_ids, *out.preempted_req_ids):
             self._rows.pop(rid, None)
         sched = out.scheduled
@@ -209,13 +223,18 @@ class ModelRunner:
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_slots: list[tuple[str, int]] = []
+        pending: list[tuple[int, int]] = []  # (flat row, row in the previous step's output)
         for s in sched:
             n, start, table = s.num_tokens, s.start_position, s.block_ids
             row = self._table_row(s, seeds)
             table_rows.append(row.table)
             all_ids = s.request.all_token_ids
             if n == 1:  # a decode: the common case
-                tokens.append(all_ids[start])
+                if start < len(all_ids):
+                    tokens.append(all_ids[start])
+                else:  # sampled by the step still running: filled in on the device
+                    pending.append((len(tokens), prev_rows[s.request.request_id]))
+                    tokens.append(0)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -251,6 +270,11 @@ class ModelRunner:
         )
         sampling, flags = self._sampling_tensors(sched, s_pad, seeds)
         inputs = StepInputs(padded(tokens, t_pad, 0), meta, sampling, *flags, num_seqs)
+        if pending:
+            src = np.full(t_pad, -1, np.int32)
+            for row, prev in pending:
+                src[row] = prev
+            inputs = dataclasses.replace(inputs, token_src=src)
         if prompt_rows:
             r_pad = _pow2(len(prompt_rows), 16)
             inputs = dataclasses.replace(
@@ -295,7 +319,9 @@ class ModelRunner:
             p = req.sampling_params
             if p.logit_bias or p.min_tokens:
                 bias = dict(p.logit_bias) if p.logit_bias else {}
-                if req.num_output_tokens < p.min_tokens:  # EOS and stop tokens may not end it yet
+                # Outputs before the token being sampled (pending ones included): EOS and
+                # stop tokens may not end the request before min_tokens.
+                if s.start_position + s.num_tokens - req.num_prompt_tokens < p.min_tokens:
                     for tok in (*p.stop_token_ids, *([] if req.eos_token_id is None else [req.eos_token_id])):
                         bias[tok] = -math.inf
                 if bias:
@@ -328,14 +354,22 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ device side
 
-    def execute(self, inputs: StepInputs) -> tuple[SamplerOutput, PromptLogprobs | None]:
-        """Dispatch the step; returns device arrays (asynchronous until read)."""
+    def execute(
+        self, inputs: StepInputs, prev_token_ids: jax.Array | None = None
+    ) -> tuple[SamplerOutput, PromptLogprobs | None]:
+        """Dispatch the step; returns device arrays (asynchronous until read).
+        `prev_token_ids`: the running step's sampled tokens ([S_prev], on the device), for
+        inputs.token_src."""
         prompt = None
+        # Always committed to the device, like _merge_tokens' output: one compiled program.
+        tokens = jax.device_put(inputs.tokens, self.device)
+        if inputs.token_src is not None:
+            tokens = self._merge_tokens(tokens, inputs.token_src, prev_token_ids)
         if inputs.prompt_rows is None:
-            logits, self.kv_caches = self._forward(self.state, self.kv_caches, inputs.tokens, inputs.meta)
+            logits, self.kv_caches = self._forward(self.state, self.kv_caches, tokens, inputs.meta)
         else:
             logits, self.kv_caches, lp = self._forward_prompt(
-                self.state, self.kv_caches, inputs.tokens, inputs.meta, inputs.prompt_rows, inputs.prompt_targets)
+                self.state, self.kv_caches, tokens, inputs.meta, inputs.prompt_rows, inputs.prompt_targets)
             prompt = PromptLogprobs(*lp)
         return self._sample(
             logits, inputs.sampling, num_logprobs=inputs.num_logprobs,
@@ -357,16 +391,24 @@ class ModelRunner:
                     cu_q_lens=np.zeros(s + 1, np.int32), num_seqs=np.zeros(1, np.int32),
                     logits_indices=np.zeros(s, np.int32),
                 )
-                logits, self.kv_caches = self._forward(self.state, self.kv_caches, np.zeros(t, np.int32), meta)
+                tokens = jax.device_put(np.zeros(t, np.int32), self.device)
+                logits, self.kv_caches = self._forward(self.state, self.kv_caches, tokens, meta)
                 bar.update()
             jax.block_until_ready(self.kv_caches)
+            prev = {}
             for s, use_top_k_top_p, all_greedy in samplers:
                 tensors, _ = self._sampling_tensors([], s, {})
                 logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
-                jax.block_until_ready(self._sample(
+                prev[s] = self._sample(
                     logits, tensors, num_logprobs=0, use_top_k_top_p=use_top_k_top_p, use_penalties=False,
-                    all_greedy=all_greedy))
+                    all_greedy=all_greedy).token_ids
+                jax.block_until_ready(prev[s])
                 bar.update()
+            # The async-scheduling token merge, for every T and previous-step S (tiny programs).
+            for t in self.token_buckets:
+                for s, prev_tokens in prev.items():
+                    tokens = jax.device_put(np.zeros(t, np.int32), self.device)
+                    self._merge_tokens(tokens, np.full(t, -1, np.int32), prev_tokens)
         return time.perf_counter() - t0
 
     def model(self) -> CausalLM:
@@ -374,4 +416,5 @@ class ModelRunner:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, self.state))
 
     def num_compiled_programs(self) -> int:
-        return self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()
+        return (self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()
+                + self._merge_tokens._cache_size())

@@ -58,6 +58,7 @@ class Request:
         "output_token_ids",
         "all_token_ids",
         "num_computed_tokens",
+        "num_pending",
         "num_cached_tokens",
         "num_preemptions",
         "status",
@@ -95,6 +96,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens sampled on the device whose ids the host does not know yet (async scheduling:
+        # the next step is scheduled before this one's tokens come back).
+        self.num_pending = 0
         self.num_cached_tokens = -1  # prefix-cache hit tokens at first schedule; -1 = not yet
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

@@ -211,6 +211,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
+        max_model_len = cfg.max_model_len
         kv = self.kv_cache_manager
         allocate = kv.allocate_slots
         room = kv.room.get
@@ -228,6 +229,12 @@ class Scheduler:
             req = running[i]
             start = req.num_computed_tokens
             num_tokens = len(req.all_token_ids)
+            pending = req.num_pending
+            if pending:  # async scheduling: the last token is on the device, not yet here
+                if len(req.output_token_ids) + pending >= req.max_tokens or num_tokens + pending >= max_model_len:
+                    i += 1  # its final token is already sampled: nothing left to run
+                    continue
+                num_tokens += pending
             num_new = num_tokens - start
             if num_new > 1:  # still prefilling (chunked): clamp
                 if threshold is not None and num_new > threshold:
@@ -294,6 +301,13 @@ class Scheduler:
             )
             budget -= num_new
 
+        # Advance at schedule time (as vLLM V1), so the next schedule() may run before this
+        # step's update(): the sampled token becomes a pending one until update() brings it.
+        for s in scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_tokens
+            if s.sample:
+                req.num_pending += 1
         finished, self.finished_req_ids = self.finished_req_ids, set()
         return SchedulerOutput(
             scheduled, cfg.max_num_batched_tokens - budget, preempted, finished
@@ -329,6 +343,7 @@ class Scheduler:
         self.kv_cache_manager.free(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
+        victim.num_pending = 0  # a token still on the device is resampled after recompute
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_front(victim)
@@ -343,7 +358,7 @@ class Scheduler:
     ) -> list[Request]:
         """Apply a step's results; returns requests that got new tokens or finished.
 
-        Advances num_computed_tokens by what ran, appends the sampled tokens of requests
+        (schedule() already advanced num_computed_tokens.) Appends the sampled tokens of requests
         whose step ended at their last token, applies the stop conditions and frees the
         blocks of finished requests. Requests aborted since schedule() are skipped.
         """
@@ -353,11 +368,11 @@ class Scheduler:
         any_finished = False
         for s in scheduler_output.scheduled:
             req = s.request
-            if req.status != RUNNING:  # aborted (or finished) meanwhile
+            if req.status != RUNNING:  # aborted, preempted or finished meanwhile
                 continue
-            req.num_computed_tokens += s.num_tokens
             if not s.sample:
                 continue
+            req.num_pending -= 1
             new_tokens = sampled_token_ids.get(req.request_id)
             if not new_tokens:
                 continue

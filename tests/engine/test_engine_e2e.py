@@ -176,3 +176,22 @@ def test_profiled_activation_peak_grows_with_token_budget(checkpoint):
     small = _llm(checkpoint[0], max_num_batched_tokens=16).engine.runner.profile_peak_bytes()
     large = _llm(checkpoint[0], max_num_batched_tokens=64).engine.runner.profile_peak_bytes()
     assert 0 < small < large
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(max_num_batched_tokens=8, max_num_seqs=4), dict(num_kv_blocks=10)],
+                         ids=["plain", "chunked", "preempting"])
+def test_synchronous_scheduling_same_output(checkpoint, extra):
+    # The engine schedules step N+1 before step N's tokens come back by default; the
+    # synchronous order must give the same tokens.
+    llm = _llm(checkpoint[0], async_scheduling=False, **extra)
+    assert _tokens(llm.generate(PROMPTS, GREEDY)) == checkpoint[1]
+
+
+def test_penalties_run_synchronously(llm):
+    # Penalties need every generated token on the host: those steps run synchronously, and
+    # greedy decoding under a repetition penalty never repeats the top token forever.
+    params = SamplingParams(max_tokens=16, temperature=0, repetition_penalty=5.0)
+    out = llm.generate([PROMPTS[2]], params)[0].outputs[0].token_ids
+    plain = llm.generate([PROMPTS[2]], GREEDY)[0].outputs[0].token_ids[:16]
+    assert out != plain and len(out) == 16
+    assert llm.engine._num_penalised == 0  # released when the request finished
