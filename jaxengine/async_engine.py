@@ -100,6 +100,9 @@ class AsyncEngine:
         self._stopped.set()
         self._inbox.put(("wake", None, None))
         self._thread.join(timeout)
+        close = getattr(self.engine, "close", None)  # multi-host: release the followers
+        if close is not None and not self._thread.is_alive():
+            close()
 
     # ------------------------------------------------------------------ engine thread
 

@@ -17,6 +17,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 8192 on GPU, 256 on CPU")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--data-parallel-size", type=int, default=1)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -24,7 +26,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed,
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
     )
 
 
@@ -84,6 +86,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     keys = tuple(args.api_key or ()) or tuple(k for k in [os.environ.get("JAXENGINE_API_KEY")] if k)
     kwargs = engine_kwargs(args)
+    if args.coordinator_address:
+        # Multi-host: join JAX's runtime first; process 0 serves and schedules, the others
+        # replay its steps on their devices (jaxengine.multihost).
+        from models.sharding import initialize_distributed
+
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        kwargs["host_loop_on_process_zero"] = True
+        if args.process_id != 0:
+            from jaxengine.engine import Engine
+
+            Engine(EngineConfig.from_kwargs(args.model, **kwargs), progress=False).follow()
+            return 0
     if args.num_kv_blocks is not None:
         kwargs["num_kv_blocks"] = args.num_kv_blocks
     try:
@@ -156,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight calls get after SIGTERM")
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
+    srv.add_argument("--coordinator-address", default=None,
+                     help="multi-host: HOST:PORT of process 0 (jax.distributed); run one `serve` per host")
+    srv.add_argument("--num-processes", type=int, default=1)
+    srv.add_argument("--process-id", type=int, default=0, help="0 serves; the others follow its steps")
     _add_engine_args(srv)
 
     cli = sub.add_parser("client", help="send one prompt to a running server and print the completion")

@@ -37,6 +37,10 @@ class EngineConfig:
     # device groups, requests spread round-robin (jaxengine.data_parallel).
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Several processes (jax.distributed): True runs the scheduler on process 0 only, which
+    # broadcasts each step to the others (they call Engine.follow()); False runs the same
+    # deterministic host loop on every process (all must then get the same requests).
+    host_loop_on_process_zero: bool = False
     # Schedule step N+1 while step N runs on the device (vLLM V1's async scheduling).
     async_scheduling: bool = True
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere

@@ -115,7 +115,20 @@ class Engine:
             kv_dtype=self.kv_dtype, attention_fn=attention_fn, mesh=mesh,
         )
         self.num_blocks = self._num_kv_blocks()
+        if jax.process_count() > 1:  # every process must allocate the same cache
+            from jax.experimental import multihost_utils
+
+            self.num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(self.num_blocks)))
         self.runner.allocate_kv_cache(self.num_blocks)
+        # Several processes with the host loop on process 0 only: it broadcasts every step to
+        # the others, which run `follow()` (jaxengine.multihost).
+        self._leader = None
+        self._execute = self.runner.execute
+        if config.host_loop_on_process_zero and jax.process_count() > 1 and jax.process_index() == 0:
+            from jaxengine.multihost import Leader
+
+            self._leader = Leader(self.runner)
+            self._execute = self._leader.execute
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
             max_model_len=self.max_model_len, block_size=config.block_size, num_blocks=self.num_blocks,
@@ -299,7 +312,7 @@ class Engine:
         if nxt.scheduled:
             prev_rows = {s.request.request_id: i for i, s in enumerate(prev_out.scheduled) if s.sample}
             inputs = self.runner.prepare(nxt, self._seeds, prev_rows)
-            new = (nxt, inputs, self.runner.execute(inputs, prev_result.token_ids))
+            new = (nxt, inputs, self._execute(inputs, prev_result.token_ids))
             self._mark_scheduled(nxt)
         t_dispatch = time.perf_counter()
         token_ids = np.asarray(prev_result.token_ids)  # waits for step N
@@ -345,7 +358,7 @@ class Engine:
         nxt = self.scheduler.schedule()
         if nxt.scheduled:
             inputs = self.runner.prepare(nxt, self._seeds)
-            self._in_flight = (nxt, inputs, self.runner.execute(inputs))
+            self._in_flight = (nxt, inputs, self._execute(inputs))
             self.timing["critical_seconds"] += time.perf_counter() - t_ready
             self._mark_scheduled(nxt)
         outputs = self._process(done)
@@ -450,6 +463,27 @@ class Engine:
             state.request_id, state.prompt, state.prompt_token_ids, outputs, finished, state.metrics, max(num_cached, 0),
             prompt_logprobs=state.prompt_logprobs,
         )
+
+    # ------------------------------------------------------------------ several processes
+
+    def follow(self) -> int:
+        """Processes other than 0, with host_loop_on_process_zero: replay process 0's steps
+        until it calls close(); returns the number of steps run."""
+        if not self.config.host_loop_on_process_zero or jax.process_index() == 0:
+            raise RuntimeError("follow() is for processes 1..N-1 with host_loop_on_process_zero=True")
+        from jaxengine.multihost import follow
+
+        return follow(self.runner)
+
+    def close(self) -> None:
+        """Abort what is left, collect the step in flight, and (process 0 of several)
+        release the followers' loops."""
+        self.abort_request(list(self._states))
+        while self._in_flight is not None:
+            self.step()
+        if self._leader is not None:
+            self._leader.stop()
+            self._leader = None
 
     # ------------------------------------------------------------------ stats
 

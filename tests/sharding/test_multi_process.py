@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 
 from jaxengine import LLM, SamplingParams
 from models import ModelConfig, random_model, save_hf_checkpoint
@@ -29,26 +30,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    save_hf_checkpoint(random_model(CONFIG, jnp.float32, seed=0), tmp_path, jnp.float32)
+def _run_workers(path, mode: str) -> list[str]:
     port, n = _free_port(), 2
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.sharding.multi_process_worker", str(tmp_path), str(port), str(i), str(n)],
+            [sys.executable, "-m", "tests.sharding.multi_process_worker", str(path), str(port), str(i), str(n), mode],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(n)
     ]
-    results = []
+    outputs = []
     try:
         for p in procs:
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, f"worker failed:\n{out[-3000:]}\n{err[-5000:]}"
-            results.append(json.loads(next(l for l in out.splitlines() if l.startswith("TOKENS "))[7:]))
+            outputs.append(out)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    want = [o.outputs[0].token_ids for o in LLM(str(tmp_path), **ENGINE_ARGS).generate(PROMPTS, GREEDY, use_tqdm=False)]
-    assert results == [want, want]
+    return outputs
+
+
+def _tokens(out: str):
+    return json.loads(next(l for l in out.splitlines() if l.startswith("TOKENS "))[7:])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    save_hf_checkpoint(random_model(CONFIG, jnp.float32, seed=0), path, jnp.float32)
+    want = [o.outputs[0].token_ids for o in LLM(str(path), **ENGINE_ARGS).generate(PROMPTS, GREEDY, use_tqdm=False)]
+    return path, want
+
+
+def test_two_processes_match_one(checkpoint):
+    path, want = checkpoint
+    assert [_tokens(out) for out in _run_workers(path, "replicated")] == [want, want]
+
+
+def test_host_loop_on_process_zero_with_a_follower(checkpoint):
+    # Process 0 alone schedules and broadcasts each step; process 1 replays them.
+    path, want = checkpoint
+    leader, follower = _run_workers(path, "leader")
+    assert _tokens(leader) == want
+    steps = int(next(l for l in follower.splitlines() if l.startswith("FOLLOWED "))[9:])
+    assert steps >= GREEDY.max_tokens  # the prefill step (first token) and a step per later token
