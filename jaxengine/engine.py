@@ -31,7 +31,7 @@ from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetr
 from jaxengine.request import Request, RequestStatus
 from jaxengine.sampling_params import SamplingParams
 from jaxengine.scheduler import Scheduler, SchedulerConfig
-from jaxengine.tokenizer import apply_chat_template, load_tokenizer
+from jaxengine.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 from models import PRESETS, CausalLM, ModelConfig, load_model, random_model
 from models.sharding import DP, TP, make_mesh
 
@@ -137,7 +137,9 @@ class Engine:
         self.compile_seconds = self.runner.warmup(progress)
         gc.collect()
         gc.freeze()  # start-up objects never need scanning again: no long GC pauses mid-run
-        self.eos_token_id = self._eos_token_id()
+        # The model's EOS ids (config.json / generation_config) and the tokenizer's, like vLLM.
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config.eos_token_ids) if self.tokenizer \
+            else tuple(self.model_config.eos_token_ids)
         self._rng = random.Random(config.seed)
         self._seeds: dict[str, int] = {}  # child request id -> sampling seed
         self._states: dict[str, _RequestState] = {}
@@ -195,11 +197,6 @@ class Engine:
             budget = cfg.kv_cache_bytes
         return num_blocks_for_budget(int(budget), cfg.block_size, per_token)
 
-    def _eos_token_id(self) -> int | None:
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            return self.tokenizer.eos_token_id
-        return self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else None
-
     # ------------------------------------------------------------------ requests
 
     def tokenize(self, prompt: str) -> list[int]:
@@ -244,7 +241,7 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len={self.max_model_len}; shorten the prompt or lower max_tokens"
             )
-        root = Request(request_id, ids, params, arrival_time=arrival_time, priority=priority, eos_token_id=self.eos_token_id)
+        root = Request(request_id, ids, params, arrival_time=arrival_time, priority=priority, eos_token_id=self.eos_token_ids)
         children = root.fan_out() if params.n > 1 else [root]
         added = []
         try:

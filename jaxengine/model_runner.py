@@ -322,7 +322,7 @@ class ModelRunner:
                 # Outputs before the token being sampled (pending ones included): EOS and
                 # stop tokens may not end the request before min_tokens.
                 if s.start_position + s.num_tokens - req.num_prompt_tokens < p.min_tokens:
-                    for tok in (*p.stop_token_ids, *([] if req.eos_token_id is None else [req.eos_token_id])):
+                    for tok in (*p.stop_token_ids, *req.eos_token_ids):
                         bias[tok] = -math.inf
                 if bias:
                     biases[i] = bias

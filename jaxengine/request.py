@@ -50,7 +50,7 @@ class Request:
         "sampling_params",
         "arrival_time",
         "priority",
-        "eos_token_id",
+        "eos_token_ids",
         "cache_salt",
         "parent_request_id",
         "sample_index",
@@ -74,7 +74,7 @@ class Request:
         *,
         arrival_time: float | None = None,
         priority: int = 0,
-        eos_token_id: int | None = None,
+        eos_token_id: int | tuple[int, ...] | None = None,
         cache_salt: str | None = None,
         parent_request_id: str | None = None,
         sample_index: int = 0,
@@ -85,7 +85,13 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # Lower value = served first under the "priority" policy (vLLM's convention).
         self.priority = priority
-        self.eos_token_id = eos_token_id
+        # Every id that ends the request as EOS (Llama 3 instruct has three).
+        if eos_token_id is None:
+            self.eos_token_ids: tuple[int, ...] = ()
+        elif isinstance(eos_token_id, int):
+            self.eos_token_ids = (eos_token_id,)
+        else:
+            self.eos_token_ids = tuple(eos_token_id)
         # Mixed into the first block's hash: requests with different salts never share KV.
         self.cache_salt = cache_salt
         # Set on the children of an n > 1 request (see `fan_out`).
@@ -149,7 +155,7 @@ class Request:
                     child_params,
                     arrival_time=self.arrival_time,
                     priority=self.priority,
-                    eos_token_id=self.eos_token_id,
+                    eos_token_id=self.eos_token_ids,
                     cache_salt=self.cache_salt,
                     parent_request_id=self.request_id,
                     sample_index=i,

@@ -388,7 +388,7 @@ class Scheduler:
                     status = RequestStatus.FINISHED_LENGTH_CAPPED
                 elif num_out < params.min_tokens:
                     continue
-                elif tok == req.eos_token_id and not params.ignore_eos:
+                elif tok in req.eos_token_ids and not params.ignore_eos:
                     status = RequestStatus.FINISHED_STOPPED
                 elif tok in params.stop_token_ids:
                     req.stop_reason = tok

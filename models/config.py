@@ -79,7 +79,15 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}: expected a Hugging Face checkpoint directory")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        cfg = cls.from_hf_dict(json.loads(path.read_text()))
+        # generation_config.json may list more EOS ids (Llama 3 instruct: three); all end generation.
+        gen = Path(model_dir) / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+            merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
+            cfg = dataclasses.replace(cfg, eos_token_ids=merged)
+        return cfg
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":

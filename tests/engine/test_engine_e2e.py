@@ -106,7 +106,7 @@ def test_eos_and_ignore_eos(checkpoint):
     want = checkpoint[1][0]
     llm = _llm(checkpoint[0])
     eos = want[3]
-    llm.engine.eos_token_id = eos  # as if the checkpoint declared it
+    llm.engine.eos_token_ids = (eos,)  # as if the checkpoint declared it
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW, temperature=0))[0].outputs[0]
     assert out.token_ids == want[: want.index(eos) + 1] and out.finish_reason == "stop"
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))[0].outputs[0]
@@ -195,3 +195,19 @@ def test_penalties_run_synchronously(llm):
     plain = llm.generate([PROMPTS[2]], GREEDY)[0].outputs[0].token_ids[:16]
     assert out != plain and len(out) == 16
     assert llm.engine._num_penalised == 0  # released when the request finished
+
+
+def test_every_eos_id_from_generation_config_stops(checkpoint, tmp_path):
+    # Llama 3 instruct lists several EOS ids in generation_config.json: each one stops.
+    import json
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[0], path)
+    want = checkpoint[1][0]
+    second = want[5]  # the second listed id is the one greedy decoding meets
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [100_000, second]}))
+    llm = _llm(path)
+    assert second in llm.engine.eos_token_ids
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW, temperature=0))[0].outputs[0]
+    assert out.token_ids == want[: want.index(second) + 1] and out.finish_reason == "stop"
