@@ -62,12 +62,20 @@ class _RequestState:
     kind: OutputKind
     samples: list[_Sample]
     metrics: RequestMetrics
-    final_sent: bool = False
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
         return all(s.request.is_finished for s in self.samples)
+
+
+def _attention_fn(use_pallas: bool | None):
+    """None: the model's default (the Pallas kernel on GPU, the jnp reference elsewhere)."""
+    if use_pallas is None:
+        return None
+    import pallas_kernels
+
+    return pallas_kernels.ragged_paged_attention if use_pallas else pallas_kernels.ragged_paged_attention_reference
 
 
 class Engine:
@@ -103,16 +111,11 @@ class Engine:
                 f"{mcfg.max_position_embeddings}; lower max_model_len"
             )
         self.kv_dtype = jax.tree.leaves(model)[0].dtype
-        attention_fn = None
-        if config.use_pallas is not None:
-            import pallas_kernels
-
-            attention_fn = pallas_kernels.ragged_paged_attention if config.use_pallas else pallas_kernels.ragged_paged_attention_reference
         max_batched = max(config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(
             model, num_blocks=None, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
-            kv_dtype=self.kv_dtype, attention_fn=attention_fn, mesh=mesh,
+            kv_dtype=self.kv_dtype, attention_fn=_attention_fn(config.use_pallas), mesh=mesh,
         )
         self.num_blocks = self._num_kv_blocks()
         if jax.process_count() > 1:  # every process must allocate the same cache
@@ -251,7 +254,7 @@ class Engine:
         except ValueError:
             self.scheduler.finish_requests([c.request_id for c in added])
             raise
-        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+        if params.has_penalties:
             self._num_penalised += 1  # back to 0 when the request's state is dropped
         samples = []
         for child in children:
@@ -433,8 +436,7 @@ class Engine:
         if finished:
             state.metrics.finished_time = time.monotonic()
             del self._states[state.request_id]
-            p = state.params
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            if state.params.has_penalties:
                 self._num_penalised -= 1
             for s in state.samples:
                 self._seeds.pop(s.request.request_id, None)

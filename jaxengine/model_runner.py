@@ -326,7 +326,7 @@ class ModelRunner:
                         bias[tok] = -math.inf
                 if bias:
                     biases[i] = bias
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            if p.has_penalties:
                 penalised.append(i)
             if p.logprobs:
                 num_logprobs = MAX_LOGPROBS

@@ -97,6 +97,11 @@ class SamplingParams:
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
 
     @property
+    def has_penalties(self) -> bool:
+        """Repetition/presence/frequency penalties need every generated token on the host."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
 
