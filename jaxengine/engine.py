@@ -334,8 +334,9 @@ class Engine:
         self.timing["steps"] += 1
         now = time.monotonic()
         for s in out.scheduled:
-            m = self._states[self._child_to_parent[s.request.request_id]].metrics
-            m.first_scheduled_time = m.first_scheduled_time or now
+            if s.is_new:  # admitted this step (or resumed after preemption)
+                m = self._states[self._child_to_parent[s.request.request_id]].metrics
+                m.first_scheduled_time = m.first_scheduled_time or now
 
     def _step_sync(self) -> list[RequestOutput]:
         """One iteration, pipelined so the device never waits for output processing:
@@ -382,7 +383,8 @@ class Engine:
                 state = self._states[self._child_to_parent[req.request_id]]
                 self._deliver_token(state, state.samples[req.sample_index], req, host, rows[req.request_id])
                 state.metrics.first_token_time = state.metrics.first_token_time or now
-                touched[state.request_id] = state
+                if req.is_finished or state.kind is not OutputKind.FINAL_ONLY:  # else nothing to hand out yet
+                    touched[state.request_id] = state
         for rid in self._aborted:
             if rid in self._states:
                 touched[rid] = self._states[rid]
