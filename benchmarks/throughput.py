@@ -42,7 +42,7 @@ def run_engine(preset: str, prompts, out_lens, args) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, progress=False)
+              max_model_len=args.max_model_len, async_scheduling=not args.sync_scheduling, progress=False)
     startup = time.perf_counter() - t0
     engine = llm.engine
     # Correctness before speed: the engine's first greedy token (paged kernel, ragged batch)
@@ -65,7 +65,7 @@ def run_engine(preset: str, prompts, out_lens, args) -> dict:
     n_in = sum(map(len, prompts))
     tm = engine.timing
     return {
-        "engine": "jaxengine", "preset": preset, "requests": len(prompts), "seconds": wall,
+        "engine": "jaxengine" + ("-sync" if args.sync_scheduling else ""), "preset": preset, "requests": len(prompts), "seconds": wall,
         "requests_per_s": len(prompts) / wall, "output_tokens_per_s": n_out / wall,
         "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm["steps"],
         # Lower bound: the host's critical path between collecting a step and dispatching the
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--sync-scheduling", action="store_true", help="collect each step before scheduling the next")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--hf-requests", type=int, default=256)
     ap.add_argument("--hf-batch", type=int, default=64)
