@@ -111,7 +111,7 @@ def run_hf(preset: str, prompts, out_lens, args) -> list[dict]:
                         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device="cuda")
                         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device="cuda")
                         new = max(out_lens[i : i + bs])
-                        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                              generation_config=gen_cfg)
                         n_out += sum(out_lens[i : i + bs])  # tokens past each request's own length are waste
                 else:

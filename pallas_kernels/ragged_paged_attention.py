@@ -388,7 +388,6 @@ def ragged_paged_attention(
     blk_seq = jnp.where(bids < cu_blocks[s_max], blk_seq, -1)
 
     # Query rows per KV head, token-major x group, padded so a tile never runs past.
-    r_rows = t * group + tile_rows
     q_t = q.reshape(t, hkv, group, d).transpose(1, 0, 2, 3).reshape(hkv, t * group, d)
     q_t = jnp.pad(q_t, ((0, 0), (0, tile_rows), (0, 0)))
 

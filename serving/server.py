@@ -156,7 +156,8 @@ def _load_in_thread(config: EngineConfig, progress: bool) -> tuple[asyncio.Futur
 
             result = make_engine(config, progress=progress)
         except BaseException as e:  # noqa: BLE001 - handed to the loop
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+            # Bound now: Python unbinds `e` when the except block ends, before the loop runs this.
+            loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
         else:
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
 

@@ -119,3 +119,14 @@ def test_sigterm_drains_and_exits_zero(serve_process):
     assert any(r[0] == "ok" and r[1] == [pb.FINISH_REASON_ABORT] for r in results), results  # the drain cut some off
     assert any("draining" in line for line in err) and any("stopped" in line for line in err)
     ch.close()
+
+
+def test_serve_exits_with_the_error_when_the_model_cannot_load(tmp_path):
+    # The load runs on a thread; its exception must reach the server (not hang it).
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "jaxengine.cli", "serve", "--model", str(tmp_path), "--port", "0", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "no config.json" in proc.stdout + proc.stderr
