@@ -2,10 +2,12 @@
 
     python benchmarks/throughput.py --preset llama-3.2-1b --workload fixed   # 1024 x (128 in, 128 out)
     python benchmarks/throughput.py --preset llama-3.1-8b --workload mixed   # 1000 x (U[32,1024] in, U[32,512] out)
+    python benchmarks/throughput.py --workload fixed mixed --scheduling async sync --tensor-parallel-size 2
 
 Random weights, ignore_eos, seed 0. Prints requests/s, output tokens/s, total tokens/s and
-the fraction of the run the device sat idle between steps (host time in the engine loop
-over loop time). With --hf, runs the same workload shape through transformers' static-batch
+the fraction of the run the device sat idle: 1 - (the run's steps replayed back to back,
+with no host work in between) / (the run's wall time). All (workload, scheduling) runs share
+one engine start-up. With --hf, runs the same workload shape through transformers' static-batch
 `generate` and continuous-batching `generate_batch` (on --hf-requests of the requests, to fit
 the time budget; tokens/s are comparable). Writes JSON to --out.
 """
@@ -35,49 +37,107 @@ def workload(kind: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], lis
     return prompts, [int(k) for k in outs]
 
 
-def run_engine(preset: str, prompts, out_lens, args) -> dict:
+def greedy_probe(llm, prompts, n_tokens: int = 32) -> list[list[int]]:
+    """Greedy tokens of a few prompts: equal across tensor-parallel sizes (compare the JSONs)."""
+    from jaxengine import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def replay_device_seconds(engine, recorded) -> float:
+    """The device time of a run's steps: the same step inputs dispatched back to back with
+    nothing for the host to do in between (their KV writes go to the same slots again).
+    1 - this / the run's wall time is the fraction of the run the device sat idle."""
+    import jax
+    import jax.numpy as jnp
+
+    runner = engine.runner
+    prev = {}
+    out = None
+    jax.block_until_ready(runner.kv_caches)
+    t0 = time.perf_counter()
+    for inputs, prev_shape in recorded:
+        if prev_shape is not None and prev_shape not in prev:
+            prev[prev_shape] = jnp.zeros(prev_shape, jnp.int32)
+        out = runner.execute(inputs, None if prev_shape is None else prev[prev_shape])
+    jax.block_until_ready((out, runner.kv_caches))
+    return time.perf_counter() - t0
+
+
+def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> list[dict]:
+    """One engine (one start-up) for every (workload, scheduling) run, prefix cache reset in between."""
     import jax
 
     from jaxengine import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, async_scheduling=not args.sync_scheduling, progress=False)
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size, progress=False)
     startup = time.perf_counter() - t0
     engine = llm.engine
+    probe_prompts, _ = workload("mixed", vocab)
+    probe = greedy_probe(llm, [p[: args.max_model_len // 2] for p in probe_prompts[:8]])
     # Correctness before speed: the engine's first greedy token (paged kernel, ragged batch)
     # against argmax of the plain dense forward of the same weights, on 32 prompts. bf16 random
     # weights give near-tied logits, so a few flips are expected; a broken kernel gives ~0%.
     import jax.numpy as jnp
 
+    prompts, _ = workload("fixed", vocab)
     check = llm.generate(prompts[:32], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), use_tqdm=False)
     model = engine.runner.model()
     agree = 0
     for p, o in zip(prompts[:32], check):
         ref = int(jnp.argmax(model.dense_logits(jnp.asarray([p], jnp.int32))[0, -1]))
         agree += ref == o.outputs[0].token_ids[0]
-    params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in out_lens]
-    engine.timing.update({k: 0 for k in engine.timing})
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t0
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    n_in = sum(map(len, prompts))
-    tm = engine.timing
-    return {
-        "engine": "jaxengine" + ("-sync" if args.sync_scheduling else ""), "preset": preset, "requests": len(prompts), "seconds": wall,
-        "requests_per_s": len(prompts) / wall, "output_tokens_per_s": n_out / wall,
-        "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm["steps"],
-        # Lower bound: the host's critical path between collecting a step and dispatching the
-        # next. host_bound_fraction: steps whose result was ready before the host asked (there
-        # the device idled for part of the overlapped output processing too).
-        "device_idle_fraction": tm["critical_seconds"] / max(tm["loop_seconds"], 1e-9),
-        "host_bound_fraction": tm["host_bound_steps"] / max(tm["steps"], 1),
-        "startup_seconds": startup, "compile_seconds": engine.compile_seconds, "kv_blocks": engine.num_blocks,
-        "first_token_agreement_with_dense": agree / len(check), "all_lengths_exact": all(
-            len(o.outputs[0].token_ids) == k for o, k in zip(outs, out_lens)),
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    del model
+    common = {
+        "preset": preset, "tensor_parallel_size": args.tensor_parallel_size, "startup_seconds": startup,
+        "compile_seconds": engine.compile_seconds, "kv_blocks": engine.num_blocks,
+        "kv_tokens": engine.num_blocks * engine.config.block_size, "greedy_probe": probe,
+        "first_token_agreement_with_dense": agree / len(check),
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
     }
+    results = []
+    execute = engine._execute
+    for kind, scheduling in runs:
+        prompts, out_lens = workload(kind, vocab)
+        prompts, out_lens = prompts[: args.num_requests], out_lens[: args.num_requests]
+        engine.config.async_scheduling = scheduling == "async"
+        engine.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()  # no hits from an earlier run
+        recorded = []
+
+        def recording(inputs, prev=None):
+            recorded.append((inputs, None if prev is None else tuple(prev.shape)))
+            return execute(inputs, prev) if prev is not None else execute(inputs)
+
+        engine._execute = recording
+        params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in out_lens]
+        engine.timing.update({k: 0 for k in engine.timing})
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        engine._execute = execute
+        device_s = replay_device_seconds(engine, recorded)
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        n_in = sum(map(len, prompts))
+        tm = engine.timing
+        results.append({
+            **common, "engine": f"jaxengine-{scheduling}", "workload": kind, "requests": len(prompts), "seconds": wall,
+            "requests_per_s": len(prompts) / wall, "output_tokens_per_s": n_out / wall,
+            "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm["steps"],
+            "ms_per_step": 1e3 * wall / max(tm["steps"], 1),
+            "device_seconds_replayed": device_s, "device_idle_fraction": max(0.0, 1 - device_s / wall),
+            # The host's critical path between collecting a step and dispatching the next, and
+            # the steps whose result was ready before the host asked for it.
+            "host_critical_fraction": tm["critical_seconds"] / max(tm["loop_seconds"], 1e-9),
+            "host_bound_fraction": tm["host_bound_steps"] / max(tm["steps"], 1),
+            "prefix_cache_hit_tokens": sum(o.num_cached_tokens for o in outs),
+            "all_lengths_exact": all(len(o.outputs[0].token_ids) == k for o, k in zip(outs, out_lens)),
+        })
+        del recorded, outs
+    return results
 
 
 def run_hf(preset: str, prompts, out_lens, args) -> list[dict]:
@@ -133,11 +193,13 @@ def run_hf(preset: str, prompts, out_lens, args) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.2-1b")
-    ap.add_argument("--workload", choices=["fixed", "mixed"], default="fixed")
+    ap.add_argument("--workload", nargs="+", choices=["fixed", "mixed"], default=["fixed"])
+    ap.add_argument("--scheduling", nargs="+", choices=["async", "sync"], default=["async"],
+                    help="async: schedule step N+1 while N runs (the default); sync: collect N first")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--sync-scheduling", action="store_true", help="collect each step before scheduling the next")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--hf-requests", type=int, default=256)
     ap.add_argument("--hf-batch", type=int, default=64)
@@ -149,20 +211,22 @@ def main() -> None:
 
     from models import preset_config
 
-    prompts, out_lens = workload(args.workload, preset_config(args.preset).vocab_size)
-    prompts, out_lens = prompts[: args.num_requests], out_lens[: args.num_requests]
+    vocab = preset_config(args.preset).vocab_size
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows: list[dict] = []
 
-    def record(new: list[dict]) -> None:  # written after each phase: a cut-off run keeps what it has
+    def record(new: list[dict], kind: str | None = None) -> None:  # after each phase: a cut-off run keeps what it has
         for r in new:
-            r.update(workload=args.workload, git_sha=sha)
+            r.setdefault("workload", kind)
+            r["git_sha"] = sha
         rows.extend(new)
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=2))
 
     if args.hf:  # the peers first: their numbers are the ones a short lease must not lose
-        record(run_hf(args.preset, prompts, out_lens, args))
+        for kind in args.workload:
+            prompts, out_lens = workload(kind, vocab)
+            record(run_hf(args.preset, prompts[: args.num_requests], out_lens[: args.num_requests], args), kind)
         import gc
 
         import torch
@@ -170,17 +234,18 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     if not args.no_engine:
-        record([run_engine(args.preset, prompts, out_lens, args)])
-    print(f"{'engine':28} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'idle':>6} {'host-bound':>10}")
+        runs = [(k, s) for k in args.workload for s in args.scheduling]
+        record(run_engine(args.preset, runs, vocab, args))
+    print(f"{'engine':24} {'workload':8} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'ms/step':>8} {'idle':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['engine']:28} error: {r['error'][:200]}")
+            print(f"{r['engine']:24} error: {r['error'][:200]}")
             continue
         idle = f"{r['device_idle_fraction']:.1%}" if "device_idle_fraction" in r else "-"
-        hb = f"{r['host_bound_fraction']:.1%}" if "host_bound_fraction" in r else "-"
-        print(f"{r['engine']:28} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:10.0f} "
-              f"{r['total_tokens_per_s']:10.0f} {idle:>6} {hb:>10}")
-    print(json.dumps(rows[-1]))
+        step = f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else "-"
+        print(f"{r['engine']:24} {r['workload']:8} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:10.0f} "
+              f"{r['total_tokens_per_s']:10.0f} {step:>8} {idle:>6}")
+    print(json.dumps([{k: v for k, v in r.items() if k != "greedy_probe"} for r in rows]))
 
 
 if __name__ == "__main__":
