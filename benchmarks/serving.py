@@ -12,7 +12,8 @@ Workload: random token-id prompts of `--input-len` tokens, `--output-len` tokens
 `ignore_eos` (vLLM's "random" dataset). Arrivals are Poisson at each `--request-rate`
 (`inf`: all at once), optionally capped by `--max-concurrency`.
 
-In launch mode the engine is built once in this process and fronted by a `BackgroundServer`;
+In launch mode the engine is built once (in this process, or with `--engine-process` in a
+child process) and fronted by a `BackgroundServer`;
 the load generator runs in a separate process (spawned, imports only grpc and the stubs) so
 the client never competes with the server for this process's GIL. Before timing, greedy
 outputs through the server are checked against the offline engine. "Offline" is the same
@@ -167,6 +168,10 @@ def _offline(engine, prompts: list[list[int]], params) -> tuple[float, int, list
     return seconds, sum(len(o) for o in ordered), ordered
 
 
+def _reset_prefix_cache(engine) -> None:
+    engine.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--num-channels", type=int, default=4, help="gRPC channels the load generator spreads calls over")
     p.add_argument("--no-offline", action="store_true", help="skip the offline-vs-served comparison")
+    p.add_argument("--engine-process", action="store_true", help="launch mode: the engine in a child process (EngineProcess)")
     p.add_argument("--bench-seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     _add_engine_args(p)
@@ -210,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_kv_blocks is not None:
             kw["num_kv_blocks"] = args.num_kv_blocks
         t0 = time.perf_counter()
-        async_engine = AsyncEngine(Engine(EngineConfig.from_kwargs(args.model, **kw)))
+        if args.engine_process:
+            from jaxengine.engine_process import EngineProcess
+
+            async_engine = EngineProcess(EngineConfig.from_kwargs(args.model, **kw))
+        else:
+            async_engine = AsyncEngine(Engine(EngineConfig.from_kwargs(args.model, **kw)))
         print(f"engine ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         server = BackgroundServer(async_engine, ServeOptions(port=0, model_name=args.model or "default"))
         target = server.address
@@ -234,14 +245,25 @@ def main(argv: list[str] | None = None) -> int:
     if async_engine is not None:
         from jaxengine import SamplingParams
 
+        # One request at a time on both paths, prefix cache emptied before each: the same batch
+        # shapes and no cache hits, so the numerics match exactly (random bf16 weights give
+        # near-tied logits that a different batch composition can flip).
         check = prompts[:4]
-        _, _, want = async_engine.call(_offline, check, SamplingParams(**sampling)).result()
+        want, got = [], []
         with Client(target, timeout=600) as c:
-            got = [c.generate(pr, **sampling).token_ids for pr in check]
+            for pr in check:
+                async_engine.call(_reset_prefix_cache).result()
+                want += async_engine.call(_offline, [pr], SamplingParams(**sampling)).result()[2]
+                async_engine.call(_reset_prefix_cache).result()
+                got.append(list(c.generate(pr, **sampling).token_ids))
         if got != want:
             print("error: served greedy output differs from the offline engine", file=sys.stderr)
             return 1
         print("correctness: served greedy output == offline engine output (4 prompts)", file=sys.stderr)
+
+    def save() -> None:  # after each phase: a run cut off by a time limit keeps what it has
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
@@ -255,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"rate={rate:g}" + (f", max_concurrency={args.max_concurrency}" if args.max_concurrency else "")
             print_summary(name, s)
             result["runs"][str(rate)] = s
+            save()
 
     if async_engine is not None and not args.no_offline:
         from jaxengine import SamplingParams
@@ -270,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             result["served_over_offline"] = ratio
             print(f"served / offline output throughput at saturation: {ratio:.3f}")
 
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    save()
     if server is not None:
         server.close()
         async_engine.shutdown()

@@ -9,11 +9,13 @@ from jaxengine.async_engine import AsyncEngine
 from jaxengine.config import EngineConfig
 from jaxengine.data_parallel import DataParallelEngine, make_engine
 from jaxengine.engine import Engine
+from jaxengine.engine_process import EngineProcess
 from jaxengine.llm import LLM, generate
 from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
 __all__ = [
-    "AsyncEngine", "CompletionOutput", "DataParallelEngine", "Engine", "EngineConfig", "LLM", "Logprob", "OutputKind",
+    "AsyncEngine", "CompletionOutput", "DataParallelEngine", "Engine", "EngineConfig", "EngineProcess", "LLM", "Logprob",
+    "OutputKind",
     "RequestMetrics", "RequestOutput", "SamplingParams", "generate", "make_engine",
 ]

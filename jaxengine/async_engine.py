@@ -1,17 +1,22 @@
 """AsyncEngine: the Engine driven from its own thread, with asyncio streams per request.
 
-All engine calls happen on the engine thread; callers talk to it through an inbox of
-commands (add/abort), so the asyncio loop (e.g. the gRPC server) never blocks on a step and
-the engine never waits on the loop.
+`StreamingEngine` holds what callers see (a stream of outputs per request, coalesced when
+the consumer falls behind); `AsyncEngine` runs the engine on a thread of this process, and
+`jaxengine.engine_process.EngineProcess` in a child process (so a busy gRPC loop never
+holds the engine's GIL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import itertools
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,25 +33,57 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+class _Stream:
+    """A request's outputs on their way to its consumer, on the consumer's event loop.
+
+    Outputs that arrive while the consumer is still busy with earlier ones are coalesced
+    (DELTA: merged into one; CUMULATIVE: the newest replaces the older), as vLLM's output
+    collector does. Under load the loop then sends fewer, larger messages instead of falling
+    further behind the engine one message per token."""
+
+    __slots__ = ("kind", "items", "ready")
+
+    def __init__(self, kind: OutputKind):
+        self.kind = kind
+        self.items: collections.deque = collections.deque()
+        self.ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        last = self.items[-1] if self.items else None
+        if isinstance(last, RequestOutput) and isinstance(item, RequestOutput):
+            if self.kind is OutputKind.DELTA:
+                last.merge_delta(item)
+                return
+            if self.kind is OutputKind.CUMULATIVE:
+                self.items[-1] = item
+                return
+        self.items.append(item)
+        self.ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
+
+
+def _deliver(batch: list[tuple[_Stream, Any]]) -> None:
     for stream, item in batch:
-        stream.put_nowait(item)
+        stream.put(item)
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine | DataParallelEngine | EngineConfig):
-        self.engine = make_engine(engine) if isinstance(engine, EngineConfig) else engine
-        self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="jaxengine-engine", daemon=True)
-        self._thread.start()
+class StreamingEngine:
+    """Per-request asyncio streams over an engine that runs elsewhere: on a thread of this
+    process (`AsyncEngine`) or in a process of its own (`jaxengine.engine_process.EngineProcess`).
+    Subclasses carry the commands (`_submit`, `abort`, `call`, `shutdown`) and hand each step's
+    outputs to `_send_all` from whichever thread receives them."""
 
-    @classmethod
-    def from_kwargs(cls, model: str | None = None, **engine_args: Any) -> "AsyncEngine":
-        return cls(EngineConfig.from_kwargs(model, **engine_args))
+    engine: Any  # the engine (AsyncEngine) or what the server needs to know of it (EngineProcess)
 
-    # ------------------------------------------------------------------ callers (any thread / loop)
+    def __init__(self) -> None:
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Stream]] = {}
+        self._ids = itertools.count()
+        self._id_prefix = f"async-{os.getpid()}-{time.monotonic_ns() % 10**6}"
 
     async def generate(
         self,
@@ -59,15 +96,20 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Leaving the iteration early (or being cancelled)
         aborts the request, which frees its KV blocks within a step."""
-        loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("add", fut, (prompt, params, request_id, output_kind, priority, loop, stream)))
+        rid = request_id if request_id is not None else f"{self._id_prefix}-{next(self._ids)}"
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
+        stream = _Stream(output_kind)
+        self._streams[rid] = (asyncio.get_running_loop(), stream)  # before the engine can answer
+        fut = self._submit(prompt, params, rid, output_kind, priority)
         try:
-            rid = await asyncio.wrap_future(fut)  # ValueError for bad input, raised here
+            await asyncio.wrap_future(fut)  # ValueError for bad input, raised here
         except asyncio.CancelledError:
-            # Cancelled while the engine thread may already be adding it: abort it once added.
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self.abort(f.result()))
+            # Cancelled while the engine may already be adding it: abort it once added.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self.abort(rid))
+            raise
+        except BaseException:
+            self._streams.pop(rid, None)
             raise
         finished = False
         try:
@@ -83,18 +125,72 @@ class AsyncEngine:
             if not finished:
                 self.abort(rid)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", None, request_id))
-
-    def call(self, fn, *args):
-        """Run `fn(engine, *args)` on the engine thread (stats, tokenizer, ...); a Future."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("call", fut, (fn, args)))
-        return fut
-
     @property
     def num_unfinished(self) -> int:
         return len(self._streams)
+
+    def _submit(self, prompt, params, rid: str, kind: OutputKind, priority: int) -> concurrent.futures.Future:
+        """Have the engine add the request; a Future of its id (or the ValueError)."""
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def call(self, fn, *args) -> concurrent.futures.Future:
+        """Run `fn(engine, *args)` where the engine runs (stats, tokenizer, ...); a Future."""
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        raise NotImplementedError
+
+    def _send_all(self, items: list[tuple[str, Any]]) -> None:
+        """Hand a step's outputs over: one wake-up per caller event loop, not per request
+        (each call_soon_threadsafe costs the sending thread a lock and a self-pipe write)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, item in items:
+            entry = self._streams.get(rid)
+            if entry is None:
+                continue
+            loop, stream = entry
+            if isinstance(item, BaseException) or item.finished:
+                del self._streams[rid]
+            by_loop.setdefault(loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+
+class AsyncEngine(StreamingEngine):
+    """The Engine driven from a thread of this process. All engine calls happen on that
+    thread; callers talk to it through an inbox of commands (add/abort/call), so the asyncio
+    loop (e.g. the gRPC server) never blocks on a step and the engine never waits on the loop."""
+
+    def __init__(self, engine: Engine | DataParallelEngine | EngineConfig):
+        super().__init__()
+        self.engine = make_engine(engine) if isinstance(engine, EngineConfig) else engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="jaxengine-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **engine_args: Any) -> "AsyncEngine":
+        return cls(EngineConfig.from_kwargs(model, **engine_args))
+
+    def _submit(self, prompt, params, rid, kind, priority) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("add", fut, (prompt, params, rid, kind, priority)))
+        return fut
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", None, request_id))
+
+    def call(self, fn, *args) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fut, (fn, args)))
+        return fut
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stopped.set()
@@ -109,7 +205,7 @@ class AsyncEngine:
     def _handle(self, cmd: str, fut, arg) -> None:
         engine = self.engine
         if cmd == "add":
-            prompt, params, rid, kind, prio, loop, stream = arg
+            prompt, params, rid, kind, prio = arg
             if not fut.set_running_or_notify_cancel():  # the caller gave up already
                 return
             try:
@@ -117,7 +213,6 @@ class AsyncEngine:
             except Exception as e:  # bad input: the caller gets it, the engine goes on
                 fut.set_exception(e)
                 return
-            self._streams[rid] = (loop, stream)
             fut.set_result(rid)
         elif cmd == "abort":
             if arg in self._streams:
@@ -133,24 +228,6 @@ class AsyncEngine:
 
     def _send(self, rid: str, item) -> None:
         self._send_all([(rid, item)])
-
-    def _send_all(self, items: list[tuple[str, Any]]) -> None:
-        """Hand a step's outputs over: one wake-up per caller event loop, not per request
-        (each call_soon_threadsafe costs the engine thread a lock and a self-pipe write)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for rid, item in items:
-            entry = self._streams.get(rid)
-            if entry is None:
-                continue
-            loop, stream = entry
-            if isinstance(item, BaseException) or item.finished:
-                del self._streams[rid]
-            by_loop.setdefault(loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                pass
 
     def _loop(self) -> None:
         engine = self.engine

@@ -56,3 +56,21 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # Per prompt position (None at 0): {token id: Logprob} for the actual token and the top-k.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+    def merge_delta(self, newer: "RequestOutput") -> None:
+        """Append a later DELTA output of the same request to this one, as if both steps'
+        tokens had come in one step (what a consumer that fell behind receives)."""
+        mine = {o.index: o for o in self.outputs}
+        for o in newer.outputs:
+            old = mine.get(o.index)
+            if old is None:
+                self.outputs.append(o)
+                continue
+            old.text += o.text
+            old.token_ids = old.token_ids + o.token_ids
+            if o.logprobs is not None:
+                old.logprobs = (old.logprobs or []) + o.logprobs
+            old.cumulative_logprob, old.finish_reason, old.stop_reason = o.cumulative_logprob, o.finish_reason, o.stop_reason
+        self.finished, self.metrics, self.num_cached_tokens = newer.finished, newer.metrics, newer.num_cached_tokens
+        if newer.prompt_logprobs is not None:
+            self.prompt_logprobs = newer.prompt_logprobs

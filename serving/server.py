@@ -1,4 +1,5 @@
-"""The gRPC server: `grpc.aio` in front of `AsyncEngine`, with health, reflection, metrics,
+"""The gRPC server: `grpc.aio` in front of the engine's streams (`AsyncEngine`, or with
+`--engine-process` an `EngineProcess`), with health, reflection, metrics,
 API keys, TLS and a graceful drain.
 
     jaxengine serve --model DIR [--host 127.0.0.1] [--port 50051] [--api-key KEY] ...
@@ -11,7 +12,7 @@ with finish reason ABORT), the server stops and the process exits 0. A second si
 the wait.
 
 `BackgroundServer` runs the same server on its own thread and event loop around an existing
-`AsyncEngine` (tests, benchmarks, notebooks).
+`AsyncEngine` or `EngineProcess` (tests, benchmarks, notebooks).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxengine.async_engine import AsyncEngine
+from jaxengine.async_engine import AsyncEngine, StreamingEngine
 from jaxengine.config import EngineConfig
 from serving.auth import ApiKeyInterceptor
 from serving.metrics import ServingMetrics
@@ -65,6 +66,10 @@ class ServeOptions:
         return f"{host}:{self.port}"
 
 
+def _engine_stats(engine) -> dict:  # runs on the engine (thread or process)
+    return engine.stats()
+
+
 class EngineServer:
     def __init__(self, options: ServeOptions):
         self.options = options
@@ -77,14 +82,14 @@ class EngineServer:
         self._skip_drain_wait = asyncio.Event()
 
     @property
-    def engine(self) -> AsyncEngine | None:
+    def engine(self) -> StreamingEngine | None:
         return self.servicer.engine
 
     def _stats(self) -> dict | None:
         engine = self.servicer.engine
         if engine is None:
             return None
-        return engine.call(lambda e: e.stats()).result(timeout=10)
+        return engine.call(_engine_stats).result(timeout=10)
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING until `set_engine`); returns the port."""
@@ -111,7 +116,7 @@ class EngineServer:
             self.metrics_port = self.metrics.serve_http(opts.metrics_port, opts.host)
         return self.port
 
-    async def set_engine(self, engine: AsyncEngine) -> None:
+    async def set_engine(self, engine: StreamingEngine) -> None:
         self.servicer.engine = engine
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -145,16 +150,21 @@ class EngineServer:
         return aborted
 
 
-def _load_in_thread(config: EngineConfig, progress: bool) -> tuple[asyncio.Future, threading.Thread]:
+def _load_in_thread(config: EngineConfig, progress: bool, engine_process: bool) -> tuple[asyncio.Future, threading.Thread]:
     """Build the engine (load + compile) on a daemon thread; the loop stays responsive."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
 
     def work():
         try:
-            from jaxengine.data_parallel import make_engine
+            if engine_process:
+                from jaxengine.engine_process import EngineProcess
 
-            result = make_engine(config, progress=progress)
+                result = EngineProcess(config, progress=progress)
+            else:
+                from jaxengine.data_parallel import make_engine
+
+                result = AsyncEngine(make_engine(config, progress=progress))
         except BaseException as e:  # noqa: BLE001 - handed to the loop
             # Bound now: Python unbinds `e` when the except block ends, before the loop runs this.
             loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
@@ -166,8 +176,9 @@ def _load_in_thread(config: EngineConfig, progress: bool) -> tuple[asyncio.Futur
     return fut, thread
 
 
-async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool = True) -> int:
-    """Run a server until SIGTERM/SIGINT; returns the exit code."""
+async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool = True, engine_process: bool = False) -> int:
+    """Run a server until SIGTERM/SIGINT; returns the exit code. `engine_process`: run the
+    engine in a child process (`EngineProcess`) instead of a thread of this one."""
     server = EngineServer(options)
     try:
         port = await server.start()
@@ -189,7 +200,7 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
-        load, _thread = _load_in_thread(config, progress)
+        load, _thread = _load_in_thread(config, progress, engine_process)
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait([load, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():  # told to stop while loading: nothing is in flight
@@ -201,8 +212,7 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
             print(f"error: could not load the model: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             await server.drain(0)
             return 1
-        engine = AsyncEngine(load.result())
-        await server.set_engine(engine)
+        await server.set_engine(load.result())
         extra = f", metrics on http://{options.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
         print(f"jaxengine: serving {options.model_name} ({SERVICE_NAME}) on {scheme}://{options.host}:{port}{extra}",
               flush=True)
@@ -220,7 +230,7 @@ class BackgroundServer:
     """An `EngineServer` on its own thread and event loop, around an existing AsyncEngine
     (or none yet: health stays NOT_SERVING until `set_engine`)."""
 
-    def __init__(self, engine: AsyncEngine | None, options: ServeOptions | None = None):
+    def __init__(self, engine: StreamingEngine | None, options: ServeOptions | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="jaxengine-grpc", daemon=True)
         self.thread.start()
@@ -240,7 +250,7 @@ class BackgroundServer:
     def run(self, coro, timeout: float | None = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def set_engine(self, engine: AsyncEngine) -> None:
+    def set_engine(self, engine: StreamingEngine) -> None:
         self.run(self.server.set_engine(engine))
 
     def close(self, drain_timeout: float = 5.0, *, shutdown_engine: bool = False) -> int:

@@ -2,7 +2,7 @@
 
 Everything here runs on the server's asyncio loop and never blocks it: generation streams
 come from `AsyncEngine.generate`, and tokenizer / chat-template work runs on the engine
-thread through `AsyncEngine.call`. Status codes:
+thread (or process) through `call`. Status codes:
 
 - UNAVAILABLE: the model is still loading, or the server is draining;
 - INVALID_ARGUMENT: the request can never run (message names the field and the limit);
@@ -26,7 +26,7 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
-from jaxengine.async_engine import AsyncEngine, EngineDeadError
+from jaxengine.async_engine import EngineDeadError, StreamingEngine
 from jaxengine.outputs import RequestOutput
 from serving import conversion
 from serving.generated import engine_pb2 as pb
@@ -36,6 +36,19 @@ from serving.metrics import ServingMetrics
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngineService"].full_name
+
+
+# Run on the engine (its thread, or its process: so module-level functions, not lambdas).
+def _tokenize(engine, text: str) -> list[int]:
+    return engine.tokenize(text)
+
+
+def _chat_token_ids(engine, messages: list[dict]) -> list[int]:
+    return engine.chat_token_ids(messages)
+
+
+def _decode(engine, ids: list[int], skip_special_tokens: bool) -> str:
+    return engine.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 class _Failure(Exception):
@@ -85,7 +98,7 @@ def add_to_server(servicer: "EngineServicer", server: grpc.aio.Server) -> None:
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, model_name: str, *, max_queue: int | None = None, metrics: ServingMetrics | None = None):
-        self.engine: AsyncEngine | None = None  # set once loaded and compiled
+        self.engine: StreamingEngine | None = None  # set once loaded and compiled
         self.model_name = model_name
         self.max_queue = max_queue
         self.metrics = metrics
@@ -97,7 +110,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     # ------------------------------------------------------------------ helpers
 
-    def _ready_engine(self) -> AsyncEngine:
+    def _ready_engine(self) -> StreamingEngine:
         if self.draining:
             raise _Failure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         if self.engine is None:
@@ -122,7 +135,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             return value
         if kind == "chat":
             self._need_tokenizer("chat messages")
-            return await self._on_engine(lambda e, m: e.chat_token_ids(m), value)
+            return await self._on_engine(_chat_token_ids, value)
         return value
 
     # ------------------------------------------------------------------ Generate
@@ -221,7 +234,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             except ValueError as e:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             self._need_tokenizer("text" if kind == "text" else "chat messages")
-            fn = (lambda e, t: e.tokenize(t)) if kind == "text" else (lambda e, m: e.chat_token_ids(m))
+            fn = _tokenize if kind == "text" else _chat_token_ids
             ids = await self._on_engine(fn, value)
             return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.engine.max_model_len)
         except _Failure as f:
@@ -237,7 +250,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             if bad:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids must be in [0, {vocab}); got {bad[:5]}")
             skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-            text = await self._on_engine(lambda e, t: e.tokenizer.decode(t, skip_special_tokens=skip), ids)
+            text = await self._on_engine(_decode, ids, skip)
             return pb.DetokenizeResponse(text=text)
         except _Failure as f:
             await context.abort(f.code, f.message)

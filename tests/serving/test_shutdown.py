@@ -1,5 +1,5 @@
 """`jaxengine serve` as a real process: health NOT_SERVING while it compiles, the ready
-line, then SIGTERM with calls in flight: it exits 0, every call ends with a finish reason
+line, then SIGTERM with calls in flight (engine on a thread, or in its own process): it exits 0, every call ends with a finish reason
 (or UNAVAILABLE), none hangs, and new calls are refused while it drains."""
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def _wait_for(q: queue.Queue, pattern: re.Pattern, timeout: float, proc) -> re.M
     pytest.fail(f"no line matching {pattern.pattern!r} (exit code {proc.poll()})")
 
 
-@pytest.fixture
-def serve_process(tiny_model):
+@pytest.fixture(params=[False, True], ids=["engine-thread", "engine-process"])
+def serve_process(tiny_model, request):
     args = [sys.executable, "-m", "jaxengine.cli", "serve", "--model", str(tiny_model), "--port", "0", "--quiet",
-            "--drain-timeout", "0.3", "--metrics-port", "0"]
+            "--drain-timeout", "0.3", "--metrics-port", "0"] + (["--engine-process"] if request.param else [])
     for k, v in ENGINE_ARGS.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,12 +121,10 @@ def test_sigterm_drains_and_exits_zero(serve_process):
     ch.close()
 
 
-def test_serve_exits_with_the_error_when_the_model_cannot_load(tmp_path):
-    # The load runs on a thread; its exception must reach the server (not hang it).
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "jaxengine.cli", "serve", "--model", str(tmp_path), "--port", "0", "--quiet"],
-                          capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_serve_exits_with_the_error_when_the_model_cannot_load(tmp_path, engine_process):
+    # The load runs on a thread (or in the engine process); its error must reach the server, not hang it.
+    proc = subprocess.run([sys.executable, "-m", "jaxengine.cli", "serve", "--model", str(tmp_path), "--port", "0", "--quiet"]
+                          + (["--engine-process"] if engine_process else []), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "no config.json" in proc.stdout + proc.stderr

@@ -1,0 +1,110 @@
+"""EngineProcess: the engine loop in a child process behind the same streaming interface as
+AsyncEngine. Streams equal the offline engine's greedy output, through the API and through a
+real gRPC server; bad input, aborts and calls cross the process boundary; shutdown ends it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+import jaxengine
+from serving.generated import engine_pb2_grpc
+from tests.serving.conftest import _idle_stats, collect, request
+from tests.serving.tiny_model import ENGINE_ARGS
+
+PROMPTS = ["def fibonacci(n):", "Hello world"]
+
+
+@pytest.fixture(scope="module")
+def engine_process(tiny_model):
+    from jaxengine import EngineConfig
+    from jaxengine.engine_process import EngineProcess
+
+    proc = EngineProcess(EngineConfig.from_kwargs(str(tiny_model), **ENGINE_ARGS), progress=False)
+    yield proc
+    proc.shutdown()
+    assert not proc._process.is_alive()
+
+
+@pytest.fixture(scope="module")
+def want(tiny_model):
+    params = jaxengine.SamplingParams(max_tokens=24, temperature=0.0)
+    return jaxengine.generate(PROMPTS, params, model=str(tiny_model), **ENGINE_ARGS)
+
+
+def _idle(engine_process) -> dict:
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        stats = engine_process.call(_idle_stats).result(timeout=10)
+        if stats["used_blocks"] == 0 and not stats["unfinished"] or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+async def _tokens(engine, prompt, params, **kw) -> tuple[list[int], str, list]:
+    outs = [o async for o in engine.generate(prompt, params, **kw)]
+    return [t for o in outs for t in o.outputs[0].token_ids], "".join(o.outputs[0].text for o in outs), outs
+
+
+def test_streams_match_offline_generate(engine_process, want):
+    params = jaxengine.SamplingParams(max_tokens=24, temperature=0.0)
+
+    async def both():
+        return await asyncio.gather(*[_tokens(engine_process, p, params) for p in PROMPTS])
+
+    for (tokens, text, outs), w in zip(asyncio.run(both()), want):
+        assert tokens == w.outputs[0].token_ids and text == w.outputs[0].text
+        assert outs[-1].finished and outs[-1].prompt_token_ids == w.prompt_token_ids  # sent once, put back
+        assert all(o.prompt_token_ids == w.prompt_token_ids for o in outs)
+    assert engine_process.engine.max_model_len == ENGINE_ARGS["max_model_len"]
+
+
+def test_bad_input_and_bad_calls_raise_here(engine_process):
+    async def bad():
+        async for _ in engine_process.generate([10**9], jaxengine.SamplingParams(max_tokens=4)):
+            pass
+
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        asyncio.run(bad())
+    with pytest.raises(TypeError, match="module-level function"):
+        engine_process.call(lambda e: e.stats()).result(timeout=10)
+    assert engine_process.num_unfinished == 0
+
+
+def test_leaving_a_stream_aborts_and_frees_blocks(engine_process):
+    params = jaxengine.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+
+    async def leave_early():
+        n = 0
+        async for _ in engine_process.generate("Hello", params):
+            n += 1
+            if n == 3:
+                break
+
+    asyncio.run(leave_early())
+    stats = _idle(engine_process)
+    assert stats["used_blocks"] == 0 and stats["num_running"] == 0 and not stats["unfinished"]
+
+
+def test_grpc_server_over_engine_process(engine_process, want):
+    from serving.server import BackgroundServer, ServeOptions
+
+    srv = BackgroundServer(engine_process, ServeOptions(port=0, model_name="tiny-process", metrics_port=0))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = engine_pb2_grpc.EngineServiceStub(ch)
+            resps, got = collect(stub, request(PROMPTS[0], max_tokens=24, temperature=0.0))
+            assert got.token_ids == want[0].outputs[0].token_ids and got.text == want[0].outputs[0].text
+            assert resps[-1].usage.prompt_tokens == len(want[0].prompt_token_ids)
+            from serving.generated import engine_pb2 as pb
+
+            tok = stub.Tokenize(pb.TokenizeRequest(text=PROMPTS[0]))
+            assert list(tok.token_ids) == list(want[0].prompt_token_ids)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert info.model == "tiny-process" and info.num_kv_blocks == engine_process.engine.num_blocks
+    finally:
+        srv.close()
