@@ -78,6 +78,15 @@ def _attention_fn(use_pallas: bool | None):
     return pallas_kernels.ragged_paged_attention if use_pallas else pallas_kernels.ragged_paged_attention_reference
 
 
+def _valid_token_ids(ids: list, vocab: int) -> bool:
+    """All of `ids` are integers in [0, vocab): one vectorised check instead of a Python loop."""
+    try:
+        arr = np.asarray(ids)
+    except ValueError:  # ragged nesting
+        return False
+    return arr.ndim == 1 and arr.dtype.kind in "iu" and int(arr.min()) >= 0 and int(arr.max()) < vocab
+
+
 class Engine:
     def __init__(
         self, config: EngineConfig, *, model: CausalLM | None = None, tokenizer: Any = None, progress: bool = True,
@@ -233,8 +242,8 @@ class Engine:
         else:
             text, ids = None, list(prompt or [])
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
-        if bad:
+        if ids and not _valid_token_ids(ids, vocab):  # the slow scan only to name the bad ids
+            bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
         if bad:
