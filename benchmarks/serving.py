@@ -168,6 +168,12 @@ def _offline(engine, prompts: list[list[int]], params) -> tuple[float, int, list
     return seconds, sum(len(o) for o in ordered), ordered
 
 
+def _device_info(engine) -> dict:  # asked of the engine: this process may not own the GPU
+    import jax
+
+    return dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, num_devices=jax.device_count())
+
+
 def _reset_prefix_cache(engine) -> None:
     engine.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
 
@@ -207,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target
     result: dict = dict(config={k: v for k, v in vars(args).items()}, git_sha=_git_sha())
     if target is None:
-        import jax
-
         from jaxengine import AsyncEngine, Engine, EngineConfig
         from serving.server import BackgroundServer, ServeOptions
 
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         server = BackgroundServer(async_engine, ServeOptions(port=0, model_name=args.model or "default"))
         target = server.address
-        result.update(device=jax.devices()[0].device_kind, jax_version=jax.__version__, num_devices=jax.device_count())
+        result.update(async_engine.call(_device_info).result(), engine_process=args.engine_process)
 
     from serving.client import Client
 

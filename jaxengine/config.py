@@ -56,6 +56,19 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def resolve_platform_defaults(self) -> None:
+        """Fill the defaults that depend on the device. This initialises JAX's backends, so it
+        runs where the engine is built, not where a config is made: a server whose engine runs
+        in another process (EngineProcess) must not claim the GPU's memory."""
+        if self.max_num_seqs is not None and self.max_num_batched_tokens is not None:
+            return
         import jax
 
         on_cpu = jax.default_backend() == "cpu"
@@ -63,11 +76,6 @@ class EngineConfig:
             self.max_num_seqs = 16 if on_cpu else 256
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 256 if on_cpu else 8192
-        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":

@@ -95,6 +95,7 @@ class Engine:
         """`mesh`: the [dp=1, tp] device mesh this engine runs on (default: built from
         config.tensor_parallel_size; None when it is 1: everything on the first device).
         data_parallel_size > 1 is several engines: see jaxengine.data_parallel."""
+        config.resolve_platform_defaults()
         self.config = config
         if mesh is None and config.data_parallel_size > 1:
             raise ValueError(

@@ -11,7 +11,8 @@ import pytest
 
 import jaxengine
 from serving.generated import engine_pb2_grpc
-from tests.serving.conftest import _idle_stats, collect, request
+from tests.serving.conftest import collect, request, wait_idle
+from tests.serving.test_load import _run_load
 from tests.serving.tiny_model import ENGINE_ARGS
 
 PROMPTS = ["def fibonacci(n):", "Hello world"]
@@ -32,17 +33,6 @@ def engine_process(tiny_model):
 def want(tiny_model):
     params = jaxengine.SamplingParams(max_tokens=24, temperature=0.0)
     return jaxengine.generate(PROMPTS, params, model=str(tiny_model), **ENGINE_ARGS)
-
-
-def _idle(engine_process) -> dict:
-    import time
-
-    deadline = time.monotonic() + 10
-    while True:
-        stats = engine_process.call(_idle_stats).result(timeout=10)
-        if stats["used_blocks"] == 0 and not stats["unfinished"] or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
 
 
 async def _tokens(engine, prompt, params, **kw) -> tuple[list[int], str, list]:
@@ -86,7 +76,7 @@ def test_leaving_a_stream_aborts_and_frees_blocks(engine_process):
                 break
 
     asyncio.run(leave_early())
-    stats = _idle(engine_process)
+    stats = wait_idle(engine_process)
     assert stats["used_blocks"] == 0 and stats["num_running"] == 0 and not stats["unfinished"]
 
 
@@ -108,3 +98,40 @@ def test_grpc_server_over_engine_process(engine_process, want):
             assert info.model == "tiny-process" and info.num_kv_blocks == engine_process.engine.num_blocks
     finally:
         srv.close()
+
+
+def test_load_with_cancels_and_deadlines_frees_every_block(engine_process):
+    """The load test's 200 concurrent calls (cancels, deadlines) through the engine process."""
+    from serving.server import BackgroundServer, ServeOptions
+
+    srv = BackgroundServer(engine_process, ServeOptions(port=0, model_name="tiny-process"))
+    try:
+        results = asyncio.run(_run_load(srv.address, seed=1))
+        finished = [(kind, code) for kind, (code, *_rest) in results if kind == "normal"]
+        assert finished and all(code == grpc.StatusCode.OK for _, code in finished)
+        stats = wait_idle(engine_process, timeout=15)
+        assert stats["num_running"] == 0 and stats["num_waiting"] == 0 and not stats["unfinished"], stats
+        assert stats["used_blocks"] == 0 and stats["free_blocks"] == stats["total_blocks"], stats
+        assert engine_process.num_unfinished == 0
+        assert not srv.server.servicer.active and srv.server.servicer.num_pending == 0
+    finally:
+        srv.close()
+
+
+def test_the_serving_process_leaves_the_device_to_the_engine_process():
+    """Building the config and the server must not initialise a JAX backend here: on a GPU
+    that would claim most of its memory before the engine process sizes its KV cache."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jaxengine, serving.server, jaxengine.engine_process\n"
+        "from jax._src import xla_bridge as xb\n"
+        "cfg = jaxengine.EngineConfig.from_kwargs('tiny-llama')\n"
+        "srv = serving.server.EngineServer(serving.server.ServeOptions(port=0, model_name='x'))\n"
+        "assert not xb._backends, dict(xb._backends)\n"
+        "assert cfg.max_num_seqs is None  # resolved by the engine, where the device is\n"
+        "print('no backend')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "no backend" in out.stdout, out.stderr[-2000:]
