@@ -141,6 +141,21 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
             "all_lengths_exact": all(len(o.outputs[0].token_ids) == k for o, k in zip(outs, out_lens)),
         })
         del recorded, outs
+    if args.profile:  # a traced repeat of the first run's first requests: where the device time goes
+        from benchmarks.profile_summary import print_summary, summarize
+
+        kind, scheduling = runs[0]
+        engine.config.async_scheduling = scheduling == "async"
+        engine.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+        prompts, out_lens = workload(kind, vocab)
+        n = args.profile_requests
+        params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in out_lens[:n]]
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            llm.generate(prompts[:n], params, use_tqdm=False)
+        summary = summarize(args.profile)
+        print(f"profile: {kind} {scheduling}, first {n} requests, trace in {args.profile}")
+        print_summary(summary)
+        results[0]["profile"] = summary
     return results
 
 
@@ -212,6 +227,9 @@ def main() -> None:
     ap.add_argument("--no-engine", action="store_true")
     ap.add_argument("--num-requests", type=int, default=None, help="first N requests only (smoke runs)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the runs, trace the first run's first --profile-requests requests into DIR and summarise it")
+    ap.add_argument("--profile-requests", type=int, default=256)
     args = ap.parse_args()
     if args.hf and not args.no_engine:
         # torch keeps its CUDA context and cached blocks, and the engine sizes its KV cache from

@@ -48,6 +48,18 @@ class DataParallelEngine:
     def max_model_len(self) -> int:
         return self.replicas[0].max_model_len
 
+    @property
+    def dtype(self):
+        return self.replicas[0].dtype
+
+    @property
+    def kv_dtype(self):
+        return self.replicas[0].kv_dtype
+
+    @property
+    def num_blocks(self) -> int:  # over all replicas (each has a pool of its own)
+        return sum(e.num_blocks for e in self.replicas)
+
     def tokenize(self, prompt: str) -> list[int]:
         return self.replicas[0].tokenize(prompt)
 

@@ -45,14 +45,15 @@ class EngineInfo:
     model_config: Any
     config: EngineConfig
     max_model_len: int
+    dtype: Any
     kv_dtype: Any
     num_blocks: int
     tokenizer: Any  # a copy, for `is None` and its chat template; tokenizing runs in the child
 
     @classmethod
     def of(cls, engine) -> "EngineInfo":
-        return cls(engine.model_config, engine.config, engine.max_model_len, engine.kv_dtype, engine.num_blocks,
-                   engine.tokenizer)
+        return cls(engine.model_config, engine.config, engine.max_model_len, engine.dtype, engine.kv_dtype,
+                   engine.num_blocks, engine.tokenizer)
 
 
 class EngineProcess(StreamingEngine):

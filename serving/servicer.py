@@ -264,7 +264,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         tok = e.tokenizer
         return pb.ModelInfo(
             model=self.model_name, architecture=e.model_config.architecture, max_model_len=e.max_model_len,
-            dtype=str(e.kv_dtype), vocab_size=e.model_config.vocab_size,
+            dtype=str(e.dtype), vocab_size=e.model_config.vocab_size,
             tensor_parallel_size=int(getattr(e.config, "tensor_parallel_size", 1) or 1),
             block_size=e.config.block_size, num_kv_blocks=e.num_blocks, has_tokenizer=tok is not None,
             has_chat_template=bool(getattr(tok, "chat_template", None)),

@@ -180,6 +180,9 @@ def test_data_parallel_replicas_on_disjoint_devices(checkpoint):
     groups = [{d.id for leaf in e.runner.state for d in leaf.sharding.device_set} for e in engine.replicas]
     assert len(groups) == 2 and all(len(g) == 4 for g in groups) and not groups[0] & groups[1]
     assert engine.stats()["num_running"] == 0
+    # What the server reads of an engine (GetModelInfo, EngineProcess) exists for replicas too.
+    assert engine.dtype == engine.kv_dtype == jnp.float32
+    assert engine.num_blocks == sum(e.num_blocks for e in engine.replicas) > 0
 
 
 def test_divisibility_errors_are_clear():

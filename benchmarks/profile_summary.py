@@ -1,0 +1,101 @@
+"""Where the device time goes, from a `jax.profiler` trace: busy time per device, the gaps
+between kernels, and the kernels grouped by kind (attention, matmul, collective, other).
+
+    python benchmarks/profile_summary.py TRACE_DIR          # the log_dir given to jax.profiler.trace
+    python benchmarks/throughput.py ... --profile $OUT/trace # records one and prints this
+
+Reads the `perfetto_trace.json.gz` that `jax.profiler.trace(..., create_perfetto_trace=True)`
+writes. On a GPU every kernel is an event on a `/device:GPU:k` stream; on CPU (tests) the
+XLA ops of the host's compute threads stand in for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+from pathlib import Path
+
+# First match wins; names as XLA/cuBLAS/NCCL/Triton/Mosaic print them.
+KINDS = (
+    ("attention", re.compile(r"ragged_paged_attention|paged_attention|flash|attention", re.I)),
+    ("collective", re.compile(r"nccl|all-?reduce|all-?gather|reduce-?scatter|all-?to-?all|collective", re.I)),
+    ("matmul", re.compile(r"gemm|cublas|cutlass|xmma|wgmma|dot|matmul|sm\d+_", re.I)),
+)
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
+
+
+def _trace_file(trace_dir: Path) -> Path:
+    files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: trace with create_perfetto_trace=True")
+    return files[-1]
+
+
+def summarize(trace_dir: str | Path, top: int = 15) -> dict:
+    """{"devices": {name: {busy_s, span_s, idle_fraction}}, "kinds": {kind: seconds},
+    "top": [(kernel, seconds, calls)]}, over the device streams (or the CPU's XLA threads)."""
+    with gzip.open(_trace_file(Path(trace_dir))) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device_pids = {pid for pid, name in procs.items() if name.startswith("/device:")}
+
+    def is_kernel(e) -> bool:
+        if e.get("ph") != "X" or "dur" not in e:
+            return False
+        if device_pids:
+            return e["pid"] in device_pids
+        return "XLA" in threads.get((e["pid"], e["tid"]), "") and "Await" not in e["name"]
+
+    spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in filter(is_kernel, events):
+        spans[procs.get(e["pid"], str(e["pid"]))].append((e["ts"], e["ts"] + e["dur"]))
+        acc = by_name[e["name"]]
+        acc[0] += e["dur"] * 1e-6
+        acc[1] += 1
+    devices = {}
+    for dev, intervals in spans.items():
+        intervals.sort()
+        busy, end = 0.0, -float("inf")
+        for a, b in intervals:  # union of the intervals: overlapping streams count once
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        span = end - intervals[0][0]  # `end` is now the latest end
+        devices[dev] = dict(busy_s=busy * 1e-6, span_s=span * 1e-6, idle_fraction=1 - busy / span if span else 0.0)
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for name, (seconds, _) in by_name.items():
+        kinds[kind_of(name)] += seconds
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(devices=devices, kinds=dict(kinds), top=[(name, s, n) for name, (s, n) in ranked])
+
+
+def print_summary(summary: dict) -> None:
+    for dev, d in summary["devices"].items():
+        print(f"{dev}: busy {d['busy_s'] * 1e3:.1f} ms of {d['span_s'] * 1e3:.1f} ms ({d['idle_fraction']:.1%} idle)")
+    total = sum(summary["kinds"].values()) or 1.0
+    print("by kind: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})"
+                                  for k, v in sorted(summary["kinds"].items(), key=lambda kv: -kv[1])))
+    for name, seconds, calls in summary["top"]:
+        print(f"  {seconds * 1e3:9.2f} ms {calls:6d}x  {kind_of(name):10} {name[:90]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace_dir")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    print_summary(summarize(args.trace_dir, args.top))
+
+
+if __name__ == "__main__":
+    main()
