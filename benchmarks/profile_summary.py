@@ -53,7 +53,8 @@ def summarize(trace_dir: str | Path, top: int = 15) -> dict:
             return False
         if device_pids:
             return e["pid"] in device_pids
-        return "XLA" in threads.get((e["pid"], e["tid"]), "") and "Await" not in e["name"]
+        # CPU: the fusions, not the executor spans that wrap them or the waits.
+        return "XLA" in threads.get((e["pid"], e["tid"]), "") and not re.match(r"ThunkExecutor|.*Await", e["name"])
 
     spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])

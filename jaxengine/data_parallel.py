@@ -21,6 +21,7 @@ from typing import Any
 
 from jaxengine.config import EngineConfig
 from jaxengine.engine import Engine
+from jaxengine.kv_capacity import claim_device_memory
 from jaxengine.outputs import OutputKind, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 from models.sharding import make_mesh, replica_meshes
@@ -28,6 +29,7 @@ from models.sharding import make_mesh, replica_meshes
 
 class DataParallelEngine:
     def __init__(self, config: EngineConfig, *, progress: bool = True):
+        claim_device_memory(config.gpu_memory_utilization)  # before the mesh starts JAX's backends
         mesh = make_mesh(config.tensor_parallel_size, config.data_parallel_size)
         self.config = config
         self.mesh = mesh

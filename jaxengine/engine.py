@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxengine.config import EngineConfig
 from jaxengine.detokenizer import IncrementalDetokenizer
-from jaxengine.kv_capacity import kv_bytes_per_token, num_blocks_for_budget
+from jaxengine.kv_capacity import claim_device_memory, kv_bytes_per_token, memory_budget, num_blocks_for_budget
 from jaxengine.model_runner import ModelRunner
 from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
 from jaxengine.request import Request, RequestStatus
@@ -107,6 +107,7 @@ class Engine:
         """`mesh`: the [dp=1, tp] device mesh this engine runs on (default: built from
         config.tensor_parallel_size; None when it is 1: everything on the first device).
         data_parallel_size > 1 is several engines: see jaxengine.data_parallel."""
+        claim_device_memory(config.gpu_memory_utilization)  # before anything starts JAX's backends
         config.resolve_platform_defaults()
         self.config = config
         if mesh is None and config.data_parallel_size > 1:
@@ -217,8 +218,8 @@ class Engine:
             # Weights are resident already; subtract the largest step's activations, measured
             # from its compiled program.
             self.activation_peak_bytes = self.runner.profile_peak_bytes()
-            budget = (stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-                      - self.activation_peak_bytes)
+            budget = memory_budget(stats["bytes_limit"], stats.get("bytes_in_use", 0), self.activation_peak_bytes,
+                                   cfg.gpu_memory_utilization)
         else:
             budget = cfg.kv_cache_bytes
         return num_blocks_for_budget(int(budget), cfg.block_size, per_token)

@@ -88,3 +88,31 @@ def num_blocks_for_budget(memory_bytes: int, block_size: int, bytes_per_token: i
             f"x {bytes_per_token} bytes; need at least 2 (block 0 is reserved): give more memory"
         )
     return num_blocks
+
+
+_claimed_fraction: float | None = None  # what claim_device_memory set, if it did
+
+
+def claim_device_memory(fraction: float) -> None:
+    """Make `fraction` of each accelerator's memory the limit of JAX's allocator, as vLLM's
+    gpu_memory_utilization is a fraction of the device (JAX's own default limit is 75%).
+    This only works before JAX creates its backends and when the user has not set
+    XLA_PYTHON_CLIENT_MEM_FRACTION; otherwise the limit stays and `memory_budget` takes
+    the fraction of it."""
+    global _claimed_fraction
+    import os
+
+    from jax._src import xla_bridge  # no public way to ask whether backends exist yet
+
+    if _claimed_fraction is None and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ \
+            and not xla_bridge.backends_are_initialized():
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = repr(fraction)
+        _claimed_fraction = fraction
+
+
+def memory_budget(bytes_limit: int, bytes_in_use: int, activation_peak: int, fraction: float) -> int:
+    """Bytes left for the KV cache: the allocator's limit (already `fraction` of the device
+    when claim_device_memory set it, else scaled by `fraction`) minus what is resident
+    (weights) and the largest step's activations."""
+    limit = bytes_limit if _claimed_fraction == fraction else bytes_limit * fraction
+    return int(limit - bytes_in_use - activation_peak)

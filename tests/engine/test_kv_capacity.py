@@ -30,3 +30,30 @@ def test_num_blocks_for_budget():
     assert num_blocks_for_budget(1_000_000, 16, 1000) == 62  # floor
     with pytest.raises(ValueError, match="need at least 2"):
         num_blocks_for_budget(16 * 1000, 16, 1000)
+
+
+def _engine_in_fresh_process(env_fraction: str | None) -> tuple[str, str]:
+    """(XLA_PYTHON_CLIENT_MEM_FRACTION after building an engine, what memory_budget scales by)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, jaxengine, jaxengine.kv_capacity as kc\n"
+        "jaxengine.LLM('tiny-llama', gpu_memory_utilization=0.5, dtype='float32', max_model_len=32, progress=False)\n"
+        "print(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'), kc.memory_budget(1000, 100, 50, 0.5))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+    if env_fraction is not None:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = env_fraction
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return tuple(out.stdout.split()[-2:])
+
+
+def test_gpu_memory_utilization_becomes_the_allocator_limit():
+    # A fresh process: the engine sets JAX's limit to gpu_memory_utilization of the device
+    # before JAX starts, so the limit is the budget as it is (1000 - 100 - 50).
+    assert _engine_in_fresh_process(None) == ("0.5", "850")
+    # The user's own limit is kept and the utilisation applies to it (1000 * 0.5 - 100 - 50).
+    assert _engine_in_fresh_process("0.6") == ("0.6", "350")
