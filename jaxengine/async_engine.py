@@ -105,8 +105,15 @@ class StreamingEngine:
         try:
             await asyncio.wrap_future(fut)  # ValueError for bad input, raised here
         except asyncio.CancelledError:
-            # Cancelled while the engine may already be adding it: abort it once added.
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self.abort(rid))
+            # Cancelled while the engine may already be adding it: abort it once added, or drop
+            # its stream if it never will be (nothing would ever finish that stream).
+            def settle(f: concurrent.futures.Future) -> None:
+                if f.cancelled() or f.exception() is not None:
+                    self._streams.pop(rid, None)
+                else:
+                    self.abort(rid)
+
+            fut.add_done_callback(settle)
             raise
         except BaseException:
             self._streams.pop(rid, None)

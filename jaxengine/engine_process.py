@@ -110,7 +110,10 @@ class EngineProcess(StreamingEngine):
         return fut
 
     def _submit(self, prompt, params, rid: str, kind: OutputKind, priority: int) -> concurrent.futures.Future:
-        return self._request(lambda cid: ("add", cid, (prompt, params, rid, kind, priority)))
+        fut = self._request(lambda cid: ("add", cid, (prompt, params, rid, kind, priority)))
+        # The child adds it even if the caller gives up first: abort it (the add is ahead in the pipe).
+        fut.add_done_callback(lambda f: f.cancelled() and self.abort(rid))
+        return fut
 
     def abort(self, request_id: str) -> None:
         if not self._dead:

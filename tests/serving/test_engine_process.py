@@ -135,3 +135,27 @@ def test_the_serving_process_leaves_the_device_to_the_engine_process():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "no backend" in out.stdout, out.stderr[-2000:]
+
+
+def _busy(engine, seconds: float) -> None:  # runs in the engine process
+    import time
+
+    time.sleep(seconds)
+
+
+def test_call_cancelled_while_its_request_is_being_added(engine_process):
+    """A caller that gives up before the child has added its request: the request is
+    aborted once added, and neither it nor its stream is left behind."""
+    params = jaxengine.SamplingParams(max_tokens=50, ignore_eos=True)
+
+    async def scenario():
+        hold = engine_process.call(_busy, 0.5)  # the child is busy: the add waits in the pipe
+        task = asyncio.ensure_future(_tokens(engine_process, [1, 2, 3], params))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.wait_for(asyncio.wrap_future(hold), 10)
+
+    asyncio.run(scenario())
+    stats = wait_idle(engine_process)
+    assert stats["used_blocks"] == 0 and not stats["unfinished"], stats
+    assert engine_process.num_unfinished == 0

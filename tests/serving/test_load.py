@@ -124,3 +124,4 @@ def test_call_cancelled_while_its_request_is_being_added(async_engine):
     assert asyncio.run(scenario()) is False
     assert async_engine._thread.is_alive()
     assert wait_idle(async_engine)["used_blocks"] == 0
+    assert async_engine.num_unfinished == 0  # its stream was dropped too
