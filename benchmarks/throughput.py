@@ -6,7 +6,9 @@
 
 Random weights, ignore_eos, seed 0. Prints requests/s, output tokens/s, total tokens/s and
 the fraction of the run the device sat idle: 1 - (the run's steps replayed back to back,
-with no host work in between) / (the run's wall time). All (workload, scheduling) runs share
+with no host work in between) / (the run's wall time), and the same over the time spent
+inside the engine's steps only (idle between steps, without adding the requests before the
+first step and assembling outputs after the last). All (workload, scheduling) runs share
 one engine start-up. With --hf --no-engine (a process of its own), runs the same workload
 shape through transformers' static-batch `generate` and continuous-batching `generate_batch` (on
 --hf-requests of the requests, to fit the time budget; tokens/s are comparable). Writes JSON
@@ -133,6 +135,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
             # assembling outputs after the last (part of the idle fraction on short runs).
             "seconds_outside_steps": wall - tm["loop_seconds"],
             "device_seconds_replayed": device_s, "device_idle_fraction": max(0.0, 1 - device_s / wall),
+            # The same, over the time spent inside engine.step() only: idle between steps.
+            "device_idle_fraction_between_steps": max(0.0, 1 - device_s / max(tm["loop_seconds"], 1e-9)),
             # The host's critical path between collecting a step and dispatching the next, and
             # the steps whose result was ready before the host asked for it.
             "host_critical_fraction": tm["critical_seconds"] / max(tm["loop_seconds"], 1e-9),
@@ -257,15 +261,17 @@ def main() -> None:
     if not args.no_engine:
         runs = [(k, s) for k in args.workload for s in args.scheduling]
         record(run_engine(args.preset, runs, vocab, args))
-    print(f"{'engine':24} {'workload':8} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'ms/step':>8} {'idle':>6}")
+    print(f"{'engine':24} {'workload':8} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'ms/step':>8} {'idle':>6} "
+          f"{'between steps':>13}")
     for r in rows:
         if "error" in r:
             print(f"{r['engine']:24} error: {r['error'][:200]}")
             continue
         idle = f"{r['device_idle_fraction']:.1%}" if "device_idle_fraction" in r else "-"
+        between = f"{r['device_idle_fraction_between_steps']:.1%}" if "device_idle_fraction_between_steps" in r else "-"
         step = f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else "-"
         print(f"{r['engine']:24} {r['workload']:8} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:10.0f} "
-              f"{r['total_tokens_per_s']:10.0f} {step:>8} {idle:>6}")
+              f"{r['total_tokens_per_s']:10.0f} {step:>8} {idle:>6} {between:>13}")
     print(json.dumps([{k: v for k, v in r.items() if k != "greedy_probe"} for r in rows]))
 
 
