@@ -174,10 +174,6 @@ def _device_info(engine) -> dict:  # asked of the engine: this process may not o
     return dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, num_devices=jax.device_count())
 
 
-def _reset_prefix_cache(engine) -> None:
-    engine.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
-
-
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -256,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         want, got = [], []
         with Client(target, timeout=600) as c:
             for pr in check:
-                async_engine.call(_reset_prefix_cache).result()
+                async_engine.call(Engine.reset_prefix_cache).result()
                 want += async_engine.call(_offline, [pr], SamplingParams(**sampling)).result()[2]
-                async_engine.call(_reset_prefix_cache).result()
+                async_engine.call(Engine.reset_prefix_cache).result()
                 got.append(list(c.generate(pr, **sampling).token_ids))
         if got != want:
             print("error: served greedy output differs from the offline engine", file=sys.stderr)

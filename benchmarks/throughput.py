@@ -108,7 +108,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         prompts, out_lens = workload(kind, vocab)
         prompts, out_lens = prompts[: args.num_requests], out_lens[: args.num_requests]
         engine.config.async_scheduling = scheduling == "async"
-        engine.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()  # no hits from an earlier run
+        engine.reset_prefix_cache()  # no hits from an earlier run
         recorded = []
 
         def recording(inputs, prev=None):
@@ -150,7 +150,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
 
         kind, scheduling = runs[0]
         engine.config.async_scheduling = scheduling == "async"
-        engine.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+        engine.reset_prefix_cache()
         prompts, out_lens = workload(kind, vocab)
         n = args.profile_requests
         params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in out_lens[:n]]

@@ -27,6 +27,10 @@ from jaxengine.sampling_params import SamplingParams
 from models.sharding import make_mesh, replica_meshes
 
 
+def _first_replica(name: str) -> property:
+    return property(lambda self: getattr(self.replicas[0], name), doc=f"The replicas' {name} (the first one's).")
+
+
 class DataParallelEngine:
     def __init__(self, config: EngineConfig, *, progress: bool = True):
         claim_device_memory(config.gpu_memory_utilization)  # before the mesh starts JAX's backends
@@ -38,25 +42,12 @@ class DataParallelEngine:
         self._next = itertools.cycle(range(len(self.replicas)))
         self._ids = itertools.count()
 
-    @property
-    def tokenizer(self):
-        return self.replicas[0].tokenizer
-
-    @property
-    def model_config(self):
-        return self.replicas[0].model_config
-
-    @property
-    def max_model_len(self) -> int:
-        return self.replicas[0].max_model_len
-
-    @property
-    def dtype(self):
-        return self.replicas[0].dtype
-
-    @property
-    def kv_dtype(self):
-        return self.replicas[0].kv_dtype
+    # What every replica shares: the first one's.
+    tokenizer = _first_replica("tokenizer")
+    model_config = _first_replica("model_config")
+    max_model_len = _first_replica("max_model_len")
+    dtype = _first_replica("dtype")
+    kv_dtype = _first_replica("kv_dtype")
 
     @property
     def num_blocks(self) -> int:  # over all replicas (each has a pool of its own)

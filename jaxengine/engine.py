@@ -521,6 +521,11 @@ class Engine:
             self._leader.stop()
             self._leader = None
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (as vLLM's `reset_prefix_cache`): benchmarks start runs
+        cold. Only when no block is in use; returns whether it was reset."""
+        return self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict[str, float]:

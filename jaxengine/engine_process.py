@@ -15,8 +15,9 @@ process of its own (as vLLM V1's engine core does) and talks to this one over a 
 
 `call(fn, *args)` runs `fn(engine, *args)` in the child, so `fn` must be picklable (a
 module-level function). The child is started with "spawn": a script that creates an
-EngineProcess needs the usual `if __name__ == "__main__":` guard. Single host only: a multi-host engine joins JAX's distributed
-runtime in the serving process (`jaxengine serve --coordinator-address`).
+EngineProcess needs the usual `if __name__ == "__main__":` guard. Single host only: a
+multi-host engine joins JAX's distributed runtime in the serving process
+(`jaxengine serve --coordinator-address`).
 """
 
 from __future__ import annotations
