@@ -47,12 +47,13 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path
 async def _one(stub, req, sem, records: list):
     async with sem:
         t0 = time.perf_counter()
-        ttft, last, itl, ntok, ok, err = None, t0, [], 0, True, ""
+        ttft, last, itl, ntok, nmsg, ok, err = None, t0, [], 0, 0, True, ""
         try:
             async for resp in stub.Generate(req):
                 now = time.perf_counter()
                 k = sum(len(d.token_ids) for d in resp.outputs)
                 if k:
+                    nmsg += 1
                     if ttft is None:
                         ttft = now - t0
                     else:
@@ -62,7 +63,7 @@ async def _one(stub, req, sem, records: list):
         except Exception as e:  # noqa: BLE001 - recorded as a failed request
             ok, err = False, f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}"
         records.append(dict(ok=ok, error=err, ttft=ttft, itl=itl, e2e=time.perf_counter() - t0, output_tokens=ntok,
-                            prompt_tokens=len(req.token_ids.ids)))
+                            messages=nmsg, prompt_tokens=len(req.token_ids.ids)))
 
 
 async def _load(target: str, reqs: list[bytes], rate: float, max_concurrency: int | None, seed: int,
@@ -126,6 +127,8 @@ def summarize(records: list[dict], duration: float) -> dict:
         completed=len(done), failed=len(records) - len(done), duration_s=duration,
         request_throughput=len(done) / duration, output_token_throughput=out_tokens / duration,
         total_token_throughput=(in_tokens + out_tokens) / duration, total_output_tokens=out_tokens,
+        # > 1 when the server coalesced tokens the stream had not sent yet (it fell behind the engine)
+        tokens_per_message=out_tokens / max(1, sum(r["messages"] for r in done)),
         ttft_ms=_stats([r["ttft"] for r in done if r["ttft"] is not None]), tpot_ms=_stats(tpot),
         itl_ms=_stats([x for r in done for x in r["itl"]]), e2e_ms=_stats([r["e2e"] for r in done]),
         errors=sorted({r["error"] for r in records if not r["ok"]})[:5],
@@ -138,7 +141,12 @@ def print_summary(name: str, s: dict) -> None:
             ("Benchmark duration (s)", f"{s['duration_s']:.2f}"), ("Total generated tokens", s["total_output_tokens"]),
             ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
             ("Output token throughput (tok/s)", f"{s['output_token_throughput']:.2f}"),
-            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
+            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
+            ("Output tokens per message", f"{s['tokens_per_message']:.2f}")]
+    if "engine" in s:
+        rows += [("Engine steps", s["engine"]["steps"]), ("Engine output tokens per step", f"{s['engine']['tokens_per_step']:.1f}"),
+                 ("Engine steps/s", f"{s['engine']['steps_per_s']:.1f}"),
+                 ("Steps the host made the device wait (%)", f"{100 * s['engine']['host_bound_fraction']:.1f}")]
     for label, key in (("Time to First Token", "ttft_ms"), ("Time per Output Token (excl. 1st token)", "tpot_ms"),
                        ("Inter-token Latency", "itl_ms"), ("End-to-end Latency", "e2e_ms")):
         rows.append((f"---{label}---", ""))
@@ -166,6 +174,20 @@ def _offline(engine, prompts: list[list[int]], params) -> tuple[float, int, list
     seconds = time.perf_counter() - t0
     ordered = [outs[f"offline-{i}-{t0}"] for i in range(len(prompts))]
     return seconds, sum(len(o) for o in ordered), ordered
+
+
+def _timing(engine) -> dict:
+    timing = getattr(engine, "timing", None)  # a DataParallelEngine has none
+    return dict(timing) if isinstance(timing, dict) else {}
+
+
+def _engine_delta(before: dict, after: dict, out_tokens: int, duration: float) -> dict:
+    """The engine's own counters over one run: is it the engine or the service that is slow?"""
+    steps = after.get("steps", 0) - before.get("steps", 0)
+    bound = after.get("host_bound_steps", 0) - before.get("host_bound_steps", 0)
+    return dict(steps=steps, tokens_per_step=out_tokens / max(1, steps), steps_per_s=steps / duration,
+                host_bound_fraction=bound / max(1, steps),
+                seconds_in_step=after.get("loop_seconds", 0) - before.get("loop_seconds", 0))
 
 
 def _device_info(engine) -> dict:  # asked of the engine: this process may not own the GPU
@@ -271,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         pool.submit(run_load, target, reqs[: min(8, len(reqs))], math.inf, None, 1, args.api_key, 1).result()
         result["runs"] = {}
         for rate in rates:
+            before = async_engine.call(_timing).result() if async_engine is not None else None
             records, duration = pool.submit(run_load, target, reqs, rate, args.max_concurrency, args.bench_seed,
                                             args.api_key, args.num_channels).result()
             s = summarize(records, duration)
+            if before is not None:
+                s["engine"] = _engine_delta(before, async_engine.call(_timing).result(), s["total_output_tokens"], duration)
             name = f"rate={rate:g}" + (f", max_concurrency={args.max_concurrency}" if args.max_concurrency else "")
             print_summary(name, s)
             result["runs"][str(rate)] = s

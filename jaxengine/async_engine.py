@@ -36,27 +36,21 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     """A request's outputs on their way to its consumer, on the consumer's event loop.
 
-    Outputs that arrive while the consumer is still busy with earlier ones are coalesced
-    (DELTA: merged into one; CUMULATIVE: the newest replaces the older), as vLLM's output
-    collector does. Under load the loop then sends fewer, larger messages instead of falling
-    further behind the engine one message per token."""
+    `put` only appends; `get` takes everything that has arrived and combines it into one
+    output (DELTA: merged; CUMULATIVE: the newest), as vLLM's output collector does. Under
+    load the consumer then sends fewer, larger messages instead of falling further behind the
+    engine one message per token, and what it skips is never built (see `combine`)."""
 
-    __slots__ = ("kind", "items", "ready")
+    __slots__ = ("kind", "items", "ready", "combine", "prompt")
 
-    def __init__(self, kind: OutputKind):
+    def __init__(self, kind: OutputKind, combine):
         self.kind = kind
         self.items: collections.deque = collections.deque()
         self.ready = asyncio.Event()
+        self.combine = combine  # (stream, [item, ...]) -> RequestOutput
+        self.prompt: tuple | None = None  # (text, token ids), for combiners that receive them once
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        last = self.items[-1] if self.items else None
-        if isinstance(last, RequestOutput) and isinstance(item, RequestOutput):
-            if self.kind is OutputKind.DELTA:
-                last.merge_delta(item)
-                return
-            if self.kind is OutputKind.CUMULATIVE:
-                self.items[-1] = item
-                return
+    def put(self, item: Any) -> None:
         self.items.append(item)
         self.ready.set()
 
@@ -64,7 +58,23 @@ class _Stream:
         while not self.items:
             self.ready.clear()
             await self.ready.wait()
-        return self.items.popleft()
+        items = self.items
+        if isinstance(items[0], BaseException):
+            return items.popleft()
+        run = [items.popleft()]
+        while items and not isinstance(items[0], BaseException):
+            run.append(items.popleft())
+        return self.combine(self, run)
+
+
+def combine_outputs(stream: _Stream, run: list[RequestOutput]) -> RequestOutput:
+    """Outputs of one request that arrived while its consumer was busy, as one output."""
+    if stream.kind is not OutputKind.DELTA:
+        return run[-1]  # CUMULATIVE: the newest has everything; FINAL_ONLY: there is one
+    first = run[0]
+    for later in run[1:]:
+        first.merge_delta(later)
+    return first
 
 
 def _deliver(batch: list[tuple[_Stream, Any]]) -> None:
@@ -99,7 +109,7 @@ class StreamingEngine:
         rid = request_id if request_id is not None else f"{self._id_prefix}-{next(self._ids)}"
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")
-        stream = _Stream(output_kind)
+        stream = _Stream(output_kind, self._combine)
         self._streams[rid] = (asyncio.get_running_loop(), stream)  # before the engine can answer
         fut = self._submit(prompt, params, rid, output_kind, priority)
         try:
@@ -150,16 +160,19 @@ class StreamingEngine:
     def shutdown(self, timeout: float | None = 10.0) -> None:
         raise NotImplementedError
 
-    def _send_all(self, items: list[tuple[str, Any]]) -> None:
-        """Hand a step's outputs over: one wake-up per caller event loop, not per request
-        (each call_soon_threadsafe costs the sending thread a lock and a self-pipe write)."""
+    _combine = staticmethod(combine_outputs)  # what a stream makes of the items it is handed
+
+    def _send_all(self, items: list[tuple[str, Any, bool]]) -> None:
+        """Hand a step's outputs over, as (request id, item, last for this request): one
+        wake-up per caller event loop, not per request (each call_soon_threadsafe costs the
+        sending thread a lock and a self-pipe write)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for rid, item in items:
+        for rid, item, last in items:
             entry = self._streams.get(rid)
             if entry is None:
                 continue
             loop, stream = entry
-            if isinstance(item, BaseException) or item.finished:
+            if last:
                 del self._streams[rid]
             by_loop.setdefault(loop, []).append((stream, item))
         for loop, batch in by_loop.items():
@@ -233,8 +246,8 @@ class AsyncEngine(StreamingEngine):
             except Exception as e:
                 fut.set_exception(e)
 
-    def _send(self, rid: str, item) -> None:
-        self._send_all([(rid, item)])
+    def _send(self, rid: str, error: BaseException) -> None:
+        self._send_all([(rid, error, True)])
 
     def _loop(self) -> None:
         engine = self.engine
@@ -259,6 +272,6 @@ class AsyncEngine(StreamingEngine):
                 for rid in rids:
                     self._send(rid, EngineDeadError(f"engine step failed: {e!r}"))
                 continue
-            self._send_all([(out.request_id, out) for out in outputs])
+            self._send_all([(out.request_id, out, out.finished) for out in outputs])
         for rid in list(self._streams):
             self._send(rid, EngineDeadError("engine shut down"))

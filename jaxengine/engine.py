@@ -146,7 +146,6 @@ class Engine:
             from jax.experimental import multihost_utils
 
             self.num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(self.num_blocks)))
-        self.runner.allocate_kv_cache(self.num_blocks)
         # Several processes with the host loop on process 0 only: it broadcasts every step to
         # the others, which run `follow()` (jaxengine.multihost).
         self._leader = None
@@ -161,7 +160,7 @@ class Engine:
             max_model_len=self.max_model_len, block_size=config.block_size, num_blocks=self.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching, policy=config.scheduling_policy,
         ))
-        self.compile_seconds = self.runner.warmup(progress)
+        self.compile_seconds = self.runner.warmup(self.num_blocks, progress)  # allocates the KV cache
         gc.collect()
         gc.freeze()  # start-up objects never need scanning again: no long GC pauses mid-run
         # The model's EOS ids (config.json / generation_config) and the tokenizer's, like vLLM.

@@ -377,31 +377,54 @@ class ModelRunner:
             all_greedy=inputs.all_greedy,
         ), prompt
 
-    def warmup(self, progress: bool = True) -> float:
-        """Compile every (T, S) forward bucket and the common sampler variants; returns seconds."""
+    def warmup(self, num_blocks: int, progress: bool = True) -> float:
+        """Compile every (T, S) forward bucket and the common sampler variants, allocate the
+        KV cache of `num_blocks`, and run each program once; returns seconds.
+
+        The programs are compiled ahead of the allocation, against an abstract cache of the
+        real shape: on a GPU, XLA autotunes each matmul by running candidates in free device
+        memory, and a cache sized to the memory budget leaves none. The runs that follow hit
+        the same executables (same shapes and shardings) and fill jit's dispatch cache."""
         t0 = time.perf_counter()
         pairs = sorted({(t, min(s, t)) for t in self.token_buckets for s in self.seq_buckets})
         # Per S bucket: all-greedy, temperature only, and top-k/top-p.
         samplers = [(s, k, g) for s in sorted({s for _, s in pairs}) for k, g in ((False, True), (False, False), (True, False))]
-        with tqdm(total=len(pairs) + len(samplers), desc="compiling", disable=not progress, unit="program") as bar:
+        kv_sharding = self.device if self.mesh is None else kv_cache_sharding(self.mesh)
+        cfg = self.config
+        abstract_kv = [jax.ShapeDtypeStruct((2, cfg.num_kv_heads, num_blocks, self.block_size, cfg.head_dim),
+                                            self.kv_dtype, sharding=kv_sharding)] * cfg.num_layers
+
+        def forward_args(t: int, s: int):
+            meta = AttentionMetadata(
+                positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
+                kv_lens=np.zeros(s, np.int32), page_indices=np.zeros((s, self.max_pages), np.int32),
+                cu_q_lens=np.zeros(s + 1, np.int32), num_seqs=np.zeros(1, np.int32),
+                logits_indices=np.zeros(s, np.int32),
+            )
+            return jax.device_put(np.zeros(t, np.int32), self.device), meta
+
+        def sampler_args(s: int):
+            tensors, _ = self._sampling_tensors([], s, {})
+            return jax.device_put(jnp.zeros((s, cfg.vocab_size), jnp.float32), self.device), tensors
+
+        with tqdm(total=2 * (len(pairs) + len(samplers)), desc="compiling", disable=not progress, unit="program") as bar:
+            self.kv_caches = []  # no cache while compiling (a runner may be warmed up again)
             for t, s in pairs:
-                meta = AttentionMetadata(
-                    positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
-                    kv_lens=np.zeros(s, np.int32), page_indices=np.zeros((s, self.max_pages), np.int32),
-                    cu_q_lens=np.zeros(s + 1, np.int32), num_seqs=np.zeros(1, np.int32),
-                    logits_indices=np.zeros(s, np.int32),
-                )
-                tokens = jax.device_put(np.zeros(t, np.int32), self.device)
-                logits, self.kv_caches = self._forward(self.state, self.kv_caches, tokens, meta)
+                self._forward.lower(self.state, abstract_kv, *forward_args(t, s)).compile()
+                bar.update()
+            for s, use_top_k_top_p, all_greedy in samplers:
+                self._sample.lower(*sampler_args(s), num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
+                                   use_penalties=False, all_greedy=all_greedy).compile()
+                bar.update()
+            self.allocate_kv_cache(num_blocks)
+            for t, s in pairs:
+                logits, self.kv_caches = self._forward(self.state, self.kv_caches, *forward_args(t, s))
                 bar.update()
             jax.block_until_ready(self.kv_caches)
             prev = {}
             for s, use_top_k_top_p, all_greedy in samplers:
-                tensors, _ = self._sampling_tensors([], s, {})
-                logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
-                prev[s] = self._sample(
-                    logits, tensors, num_logprobs=0, use_top_k_top_p=use_top_k_top_p, use_penalties=False,
-                    all_greedy=all_greedy).token_ids
+                prev[s] = self._sample(*sampler_args(s), num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
+                                       use_penalties=False, all_greedy=all_greedy).token_ids
                 jax.block_until_ready(prev[s])
                 bar.update()
             # The async-scheduling token merge, for every T and previous-step S (tiny programs).

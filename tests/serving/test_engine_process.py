@@ -159,3 +159,37 @@ def test_call_cancelled_while_its_request_is_being_added(engine_process):
     stats = wait_idle(engine_process)
     assert stats["used_blocks"] == 0 and not stats["unfinished"], stats
     assert engine_process.num_unfinished == 0
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_slow_consumer_gets_merged_deltas_across_the_process(engine_process, tiny_model, n):
+    """Outputs cross the pipe packed and are built only when the stream is read: the steps a
+    paused consumer missed come as one delta per read, per sample, nothing lost or repeated."""
+    from jaxengine.outputs import OutputKind
+    from tests.serving.test_async_engine import PROMPT, _stream
+
+    params = jaxengine.SamplingParams(n=n, max_tokens=20, temperature=0.8, seed=7, ignore_eos=True, logprobs=2)
+    want = jaxengine.generate(PROMPT, params, model=str(tiny_model), **ENGINE_ARGS)[0]
+    outs = asyncio.run(_stream(engine_process, params, OutputKind.DELTA, pause_after_first=1.0))
+    assert len(outs) < 20 and [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+    for w in want.outputs:
+        mine = [c for o in outs for c in o.outputs if c.index == w.index]
+        assert [t for c in mine for t in c.token_ids] == w.token_ids
+        assert "".join(c.text for c in mine) == w.text
+        assert sum(len(c.logprobs) for c in mine) == len(w.token_ids)
+        assert mine[-1].cumulative_logprob == pytest.approx(w.cumulative_logprob, rel=1e-6)
+        assert mine[-1].finish_reason == "length"
+    assert all(o.prompt_token_ids == want.prompt_token_ids and o.prompt == PROMPT for o in outs)
+    assert wait_idle(engine_process)["used_blocks"] == 0
+
+
+def test_slow_consumer_of_cumulative_outputs_across_the_process(engine_process, tiny_model):
+    from jaxengine.outputs import OutputKind
+    from tests.serving.test_async_engine import PROMPT, _stream
+
+    params = jaxengine.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = jaxengine.generate(PROMPT, params, model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0]
+    outs = asyncio.run(_stream(engine_process, params, OutputKind.CUMULATIVE, pause_after_first=1.0))
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == want.token_ids
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    assert lengths == sorted(lengths) and len(outs) < len(want.token_ids)

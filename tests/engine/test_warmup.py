@@ -1,0 +1,33 @@
+"""Warm-up compiles every program before the KV cache takes its memory (on a GPU, XLA
+autotunes matmuls in free device memory; a cache sized to the budget leaves none), and the
+runs after the allocation reuse those executables instead of compiling again."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax._src import dispatch, monitoring
+
+from jaxengine.model_runner import ModelRunner
+from models import random_model
+
+
+def test_programs_compile_before_the_kv_cache_is_allocated():
+    runner = ModelRunner(random_model("tiny-llama", jnp.float32), num_blocks=None, block_size=16,
+                         max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, kv_dtype=jnp.float32)
+    compiled = []  # (program name, cache allocated at the time)
+
+    def listener(event: str, duration: float, **kw) -> None:
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiled.append((kw.get("fun_name", ""), bool(runner.kv_caches)))
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        runner.warmup(num_blocks=20)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    steps = [(name, allocated) for name, allocated in compiled if "forward" in name or "sample" in name]
+    assert len(steps) >= len(runner.token_buckets)  # this hook does see the compiles
+    assert not [name for name, allocated in steps if allocated], "a step program compiled after the KV cache"
+    assert [c.shape[2] for c in runner.kv_caches] == [20] * runner.config.num_layers
+    assert all(isinstance(c, jax.Array) for c in runner.kv_caches)
