@@ -53,7 +53,7 @@ def _engine_in_fresh_process(env_fraction: str | None) -> tuple[str, str]:
 
 def test_gpu_memory_utilization_becomes_the_allocator_limit():
     # A fresh process: the engine sets JAX's limit to gpu_memory_utilization of the device
-    # before JAX starts, so the limit is the budget as it is (1000 - 100 - 50).
-    assert _engine_in_fresh_process(None) == ("0.5", "850")
-    # The user's own limit is kept and the utilisation applies to it (1000 * 0.5 - 100 - 50).
-    assert _engine_in_fresh_process("0.6") == ("0.6", "350")
+    # before JAX starts, so the limit is the budget as it is (1000 * 0.96 headroom - 100 - 50).
+    assert _engine_in_fresh_process(None) == ("0.5", "810")
+    # The user's own limit is kept and the utilisation applies to it (1000 * 0.5 * 0.96 - 100 - 50).
+    assert _engine_in_fresh_process("0.6") == ("0.6", "330")
