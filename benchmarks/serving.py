@@ -33,6 +33,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,7 +147,9 @@ def print_summary(name: str, s: dict) -> None:
     if "engine" in s:
         rows += [("Engine steps", s["engine"]["steps"]), ("Engine output tokens per step", f"{s['engine']['tokens_per_step']:.1f}"),
                  ("Engine steps/s", f"{s['engine']['steps_per_s']:.1f}"),
-                 ("Steps the host made the device wait (%)", f"{100 * s['engine']['host_bound_fraction']:.1f}")]
+                 ("Steps the host made the device wait (%)", f"{100 * s['engine']['host_bound_fraction']:.1f}"),
+                 ("Engine requests running / waiting, mean", f"{s['engine'].get('mean_running', float('nan')):.1f} / "
+                                                              f"{s['engine'].get('mean_waiting', float('nan')):.1f}")]
     for label, key in (("Time to First Token", "ttft_ms"), ("Time per Output Token (excl. 1st token)", "tpot_ms"),
                        ("Inter-token Latency", "itl_ms"), ("End-to-end Latency", "e2e_ms")):
         rows.append((f"---{label}---", ""))
@@ -179,6 +182,29 @@ def _offline(engine, prompts: list[list[int]], params) -> tuple[float, int, list
 def _timing(engine) -> dict:
     timing = getattr(engine, "timing", None)  # a DataParallelEngine has none
     return dict(timing) if isinstance(timing, dict) else {}
+
+
+def _queue_depth(engine) -> tuple[int, int]:
+    stats = engine.stats()
+    return stats["num_running"], stats["num_waiting"]
+
+
+def _watch_queue(async_engine, done, period: float = 0.05) -> list[tuple[float, int, int]]:
+    """(seconds, running, waiting) of the engine's scheduler while a run is in flight."""
+    t0, samples = time.perf_counter(), []
+    while not done.wait(period):
+        running, waiting = async_engine.call(_queue_depth).result()
+        samples.append((round(time.perf_counter() - t0, 3), running, waiting))
+    return samples
+
+
+def _queue_summary(samples: list[tuple[float, int, int]]) -> dict:
+    """Is the engine's batch full, and do requests reach it? (running is capped at max_num_seqs)"""
+    if not samples:
+        return {}
+    return dict(mean_running=statistics.fmean(r for _, r, _ in samples),
+                mean_waiting=statistics.fmean(w for _, _, w in samples),
+                timeline=samples[:: max(1, len(samples) // 40)])
 
 
 def _engine_delta(before: dict, after: dict, out_tokens: int, duration: float) -> dict:
@@ -294,11 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"] = {}
         for rate in rates:
             before = async_engine.call(_timing).result() if async_engine is not None else None
+            done = threading.Event()
+            watcher = concurrent.futures.ThreadPoolExecutor(1).submit(_watch_queue, async_engine, done) \
+                if async_engine is not None else None
             records, duration = pool.submit(run_load, target, reqs, rate, args.max_concurrency, args.bench_seed,
                                             args.api_key, args.num_channels).result()
+            done.set()
             s = summarize(records, duration)
             if before is not None:
                 s["engine"] = _engine_delta(before, async_engine.call(_timing).result(), s["total_output_tokens"], duration)
+                s["engine"].update(_queue_summary(watcher.result()))
             name = f"rate={rate:g}" + (f", max_concurrency={args.max_concurrency}" if args.max_concurrency else "")
             print_summary(name, s)
             result["runs"][str(rate)] = s
