@@ -39,25 +39,36 @@ class _Stream:
     `put` only appends; `get` takes everything that has arrived and combines it into one
     output (DELTA: merged; CUMULATIVE: the newest), as vLLM's output collector does. Under
     load the consumer then sends fewer, larger messages instead of falling further behind the
-    engine one message per token, and what it skips is never built (see `combine`)."""
+    engine one message per token, and what it skips is never built (see `combine`).
+    With `interval` > 1, `get` also waits until that many new tokens are there (the first
+    output and the last go at once): vLLM's stream_interval."""
 
-    __slots__ = ("kind", "items", "ready", "combine", "prompt")
+    __slots__ = ("kind", "items", "ready", "combine", "prompt", "interval", "new_tokens", "closed", "started")
 
-    def __init__(self, kind: OutputKind, combine):
+    def __init__(self, kind: OutputKind, combine, interval: int = 1):
         self.kind = kind
         self.items: collections.deque = collections.deque()
         self.ready = asyncio.Event()
         self.combine = combine  # (stream, [item, ...]) -> RequestOutput
         self.prompt: tuple | None = None  # (text, token ids), for combiners that receive them once
+        self.interval = interval
+        self.new_tokens = 0  # arrived since the last get
+        self.closed = False  # the last item (finished output or error) has arrived
+        self.started = False  # something was handed out already
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Any, num_tokens: int, last: bool) -> None:
         self.items.append(item)
-        self.ready.set()
+        self.new_tokens += num_tokens
+        self.closed = self.closed or last
+        if self.interval == 1 or last or not self.started or self.new_tokens >= self.interval:
+            self.ready.set()
 
     async def get(self) -> RequestOutput | BaseException:
-        while not self.items:
+        while not self.items or not (self.interval == 1 or self.closed or not self.started
+                                     or self.new_tokens >= self.interval):
             self.ready.clear()
             await self.ready.wait()
+        self.started, self.new_tokens = True, 0
         items = self.items
         if isinstance(items[0], BaseException):
             return items.popleft()
@@ -77,9 +88,9 @@ def combine_outputs(stream: _Stream, run: list[RequestOutput]) -> RequestOutput:
     return first
 
 
-def _deliver(batch: list[tuple[_Stream, Any]]) -> None:
-    for stream, item in batch:
-        stream.put(item)
+def _deliver(batch: list[tuple[_Stream, Any, int, bool]]) -> None:
+    for stream, item, num_tokens, last in batch:
+        stream.put(item, num_tokens, last)
 
 
 class StreamingEngine:
@@ -109,7 +120,7 @@ class StreamingEngine:
         rid = request_id if request_id is not None else f"{self._id_prefix}-{next(self._ids)}"
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")
-        stream = _Stream(output_kind, self._combine)
+        stream = _Stream(output_kind, self._combine, self.engine.config.stream_interval)
         self._streams[rid] = (asyncio.get_running_loop(), stream)  # before the engine can answer
         fut = self._submit(prompt, params, rid, output_kind, priority)
         try:
@@ -162,19 +173,19 @@ class StreamingEngine:
 
     _combine = staticmethod(combine_outputs)  # what a stream makes of the items it is handed
 
-    def _send_all(self, items: list[tuple[str, Any, bool]]) -> None:
-        """Hand a step's outputs over, as (request id, item, last for this request): one
-        wake-up per caller event loop, not per request (each call_soon_threadsafe costs the
-        sending thread a lock and a self-pipe write)."""
+    def _send_all(self, items: list[tuple[str, Any, int, bool]]) -> None:
+        """Hand a step's outputs over, as (request id, item, its new tokens, last for this
+        request): one wake-up per caller event loop, not per request (each
+        call_soon_threadsafe costs the sending thread a lock and a self-pipe write)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for rid, item, last in items:
+        for rid, item, num_tokens, last in items:
             entry = self._streams.get(rid)
             if entry is None:
                 continue
             loop, stream = entry
             if last:
                 del self._streams[rid]
-            by_loop.setdefault(loop, []).append((stream, item))
+            by_loop.setdefault(loop, []).append((stream, item, num_tokens, last))
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
@@ -247,7 +258,7 @@ class AsyncEngine(StreamingEngine):
                 fut.set_exception(e)
 
     def _send(self, rid: str, error: BaseException) -> None:
-        self._send_all([(rid, error, True)])
+        self._send_all([(rid, error, 0, True)])
 
     def _loop(self) -> None:
         engine = self.engine
@@ -272,6 +283,6 @@ class AsyncEngine(StreamingEngine):
                 for rid in rids:
                     self._send(rid, EngineDeadError(f"engine step failed: {e!r}"))
                 continue
-            self._send_all([(out.request_id, out, out.finished) for out in outputs])
+            self._send_all([(o.request_id, o, sum(len(c.token_ids) for c in o.outputs), o.finished) for o in outputs])
         for rid in list(self._streams):
             self._send(rid, EngineDeadError("engine shut down"))

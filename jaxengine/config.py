@@ -43,6 +43,11 @@ class EngineConfig:
     host_loop_on_process_zero: bool = False
     # Schedule step N+1 while step N runs on the device (vLLM V1's async scheduling).
     async_scheduling: bool = True
+    # Streams (AsyncEngine, EngineProcess, the gRPC service): a request's next message waits
+    # for this many new tokens (its first tokens and its end go at once), as vLLM's
+    # stream_interval. 1 sends every step; larger values trade smoothness for fewer messages,
+    # which is what limits a busy server (benchmarks/RESULTS.md, Serving).
+    stream_interval: int = 1
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
     compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla")
@@ -56,7 +61,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size",
+                     "stream_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

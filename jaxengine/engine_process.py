@@ -151,7 +151,7 @@ class EngineProcess(StreamingEngine):
                 break
             kind = msg[0]
             if kind == "outputs":  # packed: built into RequestOutputs only when a stream is read
-                self._send_all([(rec[0], rec, rec[3]) for rec in msg[1]])
+                self._send_all([(rec[0], rec, sum(len(c[2]) for c in rec[6]), rec[3]) for rec in msg[1]])
             elif kind == "reply":
                 _, cid, ok, value = msg
                 fut = self._pending.pop(cid, None)
@@ -159,13 +159,13 @@ class EngineProcess(StreamingEngine):
                     fut.set_result(value) if ok else fut.set_exception(value)
             elif kind == "step_failed":
                 _, rids, message = msg
-                self._send_all([(rid, EngineDeadError(f"engine step failed: {message}"), True) for rid in rids])
+                self._send_all([(rid, EngineDeadError(f"engine step failed: {message}"), 0, True) for rid in rids])
         self._dead = True
         for fut in list(self._pending.values()):
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(EngineDeadError("the engine process has exited"))
         self._pending.clear()
-        self._send_all([(rid, EngineDeadError("engine shut down"), True) for rid in list(self._streams)])
+        self._send_all([(rid, EngineDeadError("engine shut down"), 0, True) for rid in list(self._streams)])
 
 
 # ---------------------------------------------------------------------- the child process

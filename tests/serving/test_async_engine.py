@@ -44,3 +44,28 @@ def test_slow_consumer_of_cumulative_outputs_gets_the_newest(async_engine, tiny_
     assert outs[-1].finished and outs[-1].outputs[0].token_ids == want.token_ids
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     assert lengths == sorted(lengths) and len(outs) < len(want.token_ids)
+
+
+def check_stream_interval(engine, tiny_model) -> None:
+    """With stream_interval 4 every message carries >= 4 new tokens but the first (sent at
+    once, for the time to first token) and the last; nothing is lost."""
+    params = jaxengine.SamplingParams(max_tokens=23, temperature=0.0, ignore_eos=True)
+    want = jaxengine.generate(PROMPT, params, model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0]
+
+    async def run():
+        return [o async for o in engine.generate(PROMPT, params)]
+
+    engine.engine.config.stream_interval = 4  # read when a stream starts
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.engine.config.stream_interval = 1
+    sizes = [len(o.outputs[0].token_ids) for o in outs]
+    assert [t for o in outs for t in o.outputs[0].token_ids] == want.token_ids
+    assert sizes[0] >= 1 and all(n >= 4 for n in sizes[1:-1]) and 1 <= sizes[-1]
+    assert len(outs) <= 2 + (23 - sizes[0]) // 4
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+
+
+def test_stream_interval(async_engine, tiny_model):
+    check_stream_interval(async_engine, tiny_model)

@@ -193,3 +193,9 @@ def test_slow_consumer_of_cumulative_outputs_across_the_process(engine_process, 
     assert outs[-1].finished and outs[-1].outputs[0].token_ids == want.token_ids
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     assert lengths == sorted(lengths) and len(outs) < len(want.token_ids)
+
+
+def test_stream_interval_across_the_process(engine_process, tiny_model):
+    from tests.serving.test_async_engine import check_stream_interval
+
+    check_stream_interval(engine_process, tiny_model)
