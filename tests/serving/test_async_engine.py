@@ -38,9 +38,13 @@ def test_slow_consumer_gets_merged_deltas(async_engine, tiny_model):
 
 
 def test_slow_consumer_of_cumulative_outputs_gets_the_newest(async_engine, tiny_model):
+    check_slow_cumulative(async_engine, tiny_model)
+
+
+def check_slow_cumulative(engine, tiny_model) -> None:
     params = jaxengine.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     want = jaxengine.generate(PROMPT, params, model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0]
-    outs = asyncio.run(_stream(async_engine, params, OutputKind.CUMULATIVE, pause_after_first=1.0))
+    outs = asyncio.run(_stream(engine, params, OutputKind.CUMULATIVE, pause_after_first=1.0))
     assert outs[-1].finished and outs[-1].outputs[0].token_ids == want.token_ids
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     assert lengths == sorted(lengths) and len(outs) < len(want.token_ids)

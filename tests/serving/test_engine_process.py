@@ -184,15 +184,9 @@ def test_slow_consumer_gets_merged_deltas_across_the_process(engine_process, tin
 
 
 def test_slow_consumer_of_cumulative_outputs_across_the_process(engine_process, tiny_model):
-    from jaxengine.outputs import OutputKind
-    from tests.serving.test_async_engine import PROMPT, _stream
+    from tests.serving.test_async_engine import check_slow_cumulative
 
-    params = jaxengine.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    want = jaxengine.generate(PROMPT, params, model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0]
-    outs = asyncio.run(_stream(engine_process, params, OutputKind.CUMULATIVE, pause_after_first=1.0))
-    assert outs[-1].finished and outs[-1].outputs[0].token_ids == want.token_ids
-    lengths = [len(o.outputs[0].token_ids) for o in outs]
-    assert lengths == sorted(lengths) and len(outs) < len(want.token_ids)
+    check_slow_cumulative(engine_process, tiny_model)
 
 
 def test_stream_interval_across_the_process(engine_process, tiny_model):
