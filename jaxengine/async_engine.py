@@ -23,7 +23,7 @@ from typing import Any
 from jaxengine.config import EngineConfig
 from jaxengine.data_parallel import DataParallelEngine, make_engine
 from jaxengine.engine import Engine
-from jaxengine.outputs import OutputKind, RequestOutput
+from jaxengine.outputs import OutputKind, OutputRecord, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,17 @@ class _Stream:
     `put` only appends; `get` takes everything that has arrived and combines it into one
     output (DELTA: merged; CUMULATIVE: the newest), as vLLM's output collector does. Under
     load the consumer then sends fewer, larger messages instead of falling further behind the
-    engine one message per token, and what it skips is never built (see `combine`).
+    engine one message per token, and what it skips is never built (`combine_records`).
     With `interval` > 1, `get` also waits until that many new tokens are there (the first
     output and the last go at once): vLLM's stream_interval."""
 
-    __slots__ = ("kind", "items", "ready", "combine", "prompt", "interval", "new_tokens", "closed", "started")
+    __slots__ = ("kind", "items", "ready", "prompt", "interval", "new_tokens", "closed", "started")
 
-    def __init__(self, kind: OutputKind, combine, interval: int = 1):
+    def __init__(self, kind: OutputKind, interval: int = 1):
         self.kind = kind
-        self.items: collections.deque = collections.deque()
+        self.items: collections.deque = collections.deque()  # OutputRecords, then maybe an error
         self.ready = asyncio.Event()
-        self.combine = combine  # (stream, [item, ...]) -> RequestOutput
-        self.prompt: tuple | None = None  # (text, token ids), for combiners that receive them once
+        self.prompt: tuple | None = None  # (text, token ids): records after a request's first may omit them
         self.interval = interval
         self.new_tokens = 0  # arrived since the last get
         self.closed = False  # the last item (finished output or error) has arrived
@@ -75,17 +74,34 @@ class _Stream:
         run = [items.popleft()]
         while items and not isinstance(items[0], BaseException):
             run.append(items.popleft())
-        return self.combine(self, run)
+        return combine_records(self, run)
 
 
-def combine_outputs(stream: _Stream, run: list[RequestOutput]) -> RequestOutput:
-    """Outputs of one request that arrived while its consumer was busy, as one output."""
-    if stream.kind is not OutputKind.DELTA:
-        return run[-1]  # CUMULATIVE: the newest has everything; FINAL_ONLY: there is one
-    first = run[0]
-    for later in run[1:]:
-        first.merge_delta(later)
-    return first
+def combine_records(stream: _Stream, run: list[OutputRecord]) -> RequestOutput:
+    """The OutputRecords a stream received since it was last read, as one RequestOutput
+    (DELTA records merged before anything is built; otherwise the newest). EngineProcess
+    sends a request's prompt and prompt ids once, in its first record; the stream keeps them."""
+    for rec in run:
+        if rec[2] is not None:
+            stream.prompt = (rec[1], rec[2])
+    last = run[-1]
+    if stream.kind is OutputKind.DELTA and len(run) > 1:
+        merged: dict[int, list] = {}
+        for rec in run:
+            for c in rec[6]:
+                m = merged.get(c[0])
+                if m is None:
+                    merged[c[0]] = list(c)
+                    continue
+                m[1] += c[1]
+                m[2] = m[2] + c[2]
+                if c[4] is not None:
+                    m[4] = (m[4] or []) + c[4]
+                m[3], m[5], m[6] = c[3], c[5], c[6]
+        prompt_logprobs = next((r[7] for r in reversed(run) if r[7] is not None), None)
+        last = last[:6] + [list(merged.values()), prompt_logprobs]
+    text, ids = stream.prompt or (None, [])
+    return RequestOutput.from_record([last[0], text, ids] + last[3:])
 
 
 def _deliver(batch: list[tuple[_Stream, Any, int, bool]]) -> None:
@@ -120,7 +136,7 @@ class StreamingEngine:
         rid = request_id if request_id is not None else f"{self._id_prefix}-{next(self._ids)}"
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")
-        stream = _Stream(output_kind, self._combine, self.engine.config.stream_interval)
+        stream = _Stream(output_kind, self.engine.config.stream_interval)
         self._streams[rid] = (asyncio.get_running_loop(), stream)  # before the engine can answer
         fut = self._submit(prompt, params, rid, output_kind, priority)
         try:
@@ -170,8 +186,6 @@ class StreamingEngine:
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         raise NotImplementedError
-
-    _combine = staticmethod(combine_outputs)  # what a stream makes of the items it is handed
 
     def _send_all(self, items: list[tuple[str, Any, int, bool]]) -> None:
         """Hand a step's outputs over, as (request id, item, its new tokens, last for this
@@ -274,15 +288,15 @@ class AsyncEngine(StreamingEngine):
             if not engine.has_unfinished_requests():
                 continue
             try:
-                outputs = engine.step()
+                records = engine.step_records()
             except Exception as e:  # fail the requests in flight, keep serving new ones
                 log.exception("engine step failed")
                 rids = list(self._streams)
                 engine.abort_request(rids)
-                engine.step()
+                engine.step_records()
                 for rid in rids:
                     self._send(rid, EngineDeadError(f"engine step failed: {e!r}"))
                 continue
-            self._send_all([(o.request_id, o, sum(len(c.token_ids) for c in o.outputs), o.finished) for o in outputs])
+            self._send_all([(r[0], r, sum(len(c[2]) for c in r[6]), r[3]) for r in records])
         for rid in list(self._streams):
             self._send(rid, EngineDeadError("engine shut down"))

@@ -22,7 +22,7 @@ from typing import Any
 from jaxengine.config import EngineConfig
 from jaxengine.engine import Engine
 from jaxengine.kv_capacity import claim_device_memory
-from jaxengine.outputs import OutputKind, RequestOutput
+from jaxengine.outputs import OutputKind, OutputRecord, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 from models.sharding import make_mesh, replica_meshes
 
@@ -80,14 +80,17 @@ class DataParallelEngine:
         return any(e.has_unfinished_requests() for e in self.replicas)
 
     def step(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+        return [RequestOutput.from_record(r) for r in self.step_records()]
+
+    def step_records(self) -> list[OutputRecord]:
+        records: list[OutputRecord] = []
         for engine in self.replicas:
             if engine.has_unfinished_requests():
-                outputs += engine.step()
-        for out in outputs:
-            if out.finished:
-                self._owner.pop(out.request_id, None)
-        return outputs
+                records += engine.step_records()
+        for rec in records:
+            if rec[3]:  # finished
+                self._owner.pop(rec[0], None)
+        return records
 
     def stats(self) -> dict[str, float]:
         per = [e.stats() for e in self.replicas]

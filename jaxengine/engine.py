@@ -27,7 +27,7 @@ from jaxengine.config import EngineConfig
 from jaxengine.detokenizer import IncrementalDetokenizer
 from jaxengine.kv_capacity import claim_device_memory, kv_bytes_per_token, memory_budget, num_blocks_for_budget
 from jaxengine.model_runner import ModelRunner
-from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
+from jaxengine.outputs import Logprob, OutputKind, OutputRecord, RequestMetrics, RequestOutput
 from jaxengine.request import Request, RequestStatus
 from jaxengine.sampling_params import SamplingParams
 from jaxengine.scheduler import Scheduler, SchedulerConfig
@@ -318,7 +318,12 @@ class Engine:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration. With async scheduling (the default) the next step is
+        """One engine iteration: the outputs of the requests it advanced (see step_records)."""
+        return [RequestOutput.from_record(r) for r in self.step_records()]
+
+    def step_records(self) -> list[OutputRecord]:
+        """`step`, with its outputs as OutputRecords (what EngineProcess sends across its pipe).
+        One engine iteration. With async scheduling (the default) the next step is
         scheduled and dispatched before the running one's tokens are collected, so the host's
         work hides behind the device's; steps fall back to `_step_sync` when nothing is in
         flight or a running request uses penalties (they need every token on the host)."""
@@ -326,7 +331,7 @@ class Engine:
             return self._step_async()
         return self._step_sync()
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self) -> list[OutputRecord]:
         """Schedule and dispatch step N+1 while N runs (its sampled tokens are fed to N+1
         on the device), then collect N. A request that ends at N (EOS, stop token, length,
         stop string) has already been given one more token in N+1: update() drops it."""
@@ -361,7 +366,7 @@ class Engine:
                 m = self._states[self._child_to_parent[s.request.request_id]].metrics
                 m.first_scheduled_time = m.first_scheduled_time or now
 
-    def _step_sync(self) -> list[RequestOutput]:
+    def _step_sync(self) -> list[OutputRecord]:
         """One iteration, pipelined so the device never waits for output processing:
         collect the step in flight, schedule and dispatch the next one, and only then turn
         the collected tokens into outputs (detokenize, stop strings, logprobs) while the
@@ -391,7 +396,7 @@ class Engine:
         self.timing["loop_seconds"] += time.perf_counter() - t0
         return outputs
 
-    def _process(self, done) -> list[RequestOutput]:
+    def _process(self, done) -> list[OutputRecord]:
         touched: dict[str, _RequestState] = {}
         if done is not None:
             out, inputs, result, prompt_lp, updated = done
@@ -412,7 +417,7 @@ class Engine:
             if rid in self._states:
                 touched[rid] = self._states[rid]
         self._aborted.clear()
-        return [o for o in (self._make_output(st) for st in touched.values()) if o is not None]
+        return [r for r in (self._make_record(st) for st in touched.values()) if r is not None]
 
     def _deliver_prompt_logprobs(self, inputs, lp) -> None:
         """vLLM's shape: per prompt position, {token: Logprob} for the actual token and the
@@ -456,7 +461,9 @@ class Engine:
                         entry[tok].rank = rank
                 sample.logprobs.append(entry)
 
-    def _make_output(self, state: _RequestState) -> RequestOutput | None:
+    def _make_record(self, state: _RequestState) -> OutputRecord | None:
+        """The request's output now (an OutputRecord, see jaxengine.outputs), or None when
+        there is nothing to hand out (FINAL_ONLY before the end)."""
         finished = state.finished
         if finished:
             state.metrics.finished_time = time.monotonic()
@@ -468,27 +475,29 @@ class Engine:
                 self._child_to_parent.pop(s.request.request_id, None)
         if state.kind is OutputKind.FINAL_ONLY and not finished:
             return None
-        outputs = []
+        delta = state.kind is OutputKind.DELTA
+        with_logprobs = state.params.logprobs is not None
+        completions = []
         for i, s in enumerate(state.samples):
             req = s.request
             text = s.detokenizer.output_text if s.detokenizer is not None else self._final_text(req)
-            ids, lps = req.output_token_ids, s.logprobs
-            if state.kind is OutputKind.DELTA:
-                text, ids = text[s.sent_text :], ids[s.sent_tokens :]
-                lps = None if lps is None else lps[s.sent_logprobs :]
+            lps = s.logprobs
+            if delta:
+                text, ids = text[s.sent_text :], req.output_token_ids[s.sent_tokens :]  # slices: copies
                 s.sent_text += len(text)
                 s.sent_tokens += len(ids)
-                s.sent_logprobs += 0 if lps is None else len(lps)
-            outputs.append(CompletionOutput(
-                index=i, text=text, token_ids=list(ids),
-                cumulative_logprob=s.cumulative_logprob if state.params.logprobs is not None else None,
-                logprobs=lps, finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
-            ))
+                if lps is not None:
+                    lps = lps[s.sent_logprobs :]
+                    s.sent_logprobs += len(lps)
+            else:
+                ids = list(req.output_token_ids)
+            completions.append((i, text, ids, s.cumulative_logprob if with_logprobs else None, lps,
+                                req.status.finish_reason, req.stop_reason))
         num_cached = max(s.request.num_cached_tokens for s in state.samples)
-        return RequestOutput(
-            state.request_id, state.prompt, state.prompt_token_ids, outputs, finished, state.metrics, max(num_cached, 0),
-            prompt_logprobs=state.prompt_logprobs,
-        )
+        m = state.metrics
+        return [state.request_id, state.prompt, state.prompt_token_ids, finished, max(num_cached, 0),
+                (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time), completions,
+                state.prompt_logprobs]
 
     def _final_text(self, req: Request) -> str:
         """The text of a finished request decoded in one go (no incremental detokenizer)."""

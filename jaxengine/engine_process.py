@@ -10,7 +10,7 @@ process of its own (as vLLM V1's engine core does) and talks to this one over a 
                       ("abort", rid) | ("call", call_id, fn, args) | ("stop",)
     child -> parent   ("ready", EngineInfo) | ("failed", message)      once, at start
                       ("reply", call_id, ok, value)                    per add / call
-                      ("outputs", [packed RequestOutput, ...])         per step (see pack)
+                      ("outputs", [OutputRecord, ...])                 per step
                       ("step_failed", [rid, ...], message)
 
 `call(fn, *args)` runs `fn(engine, *args)` in the child, so `fn` must be picklable (a
@@ -34,7 +34,7 @@ from typing import Any
 
 from jaxengine.async_engine import EngineDeadError, StreamingEngine
 from jaxengine.config import EngineConfig
-from jaxengine.outputs import CompletionOutput, OutputKind, RequestMetrics, RequestOutput
+from jaxengine.outputs import OutputKind, OutputRecord
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,6 @@ class EngineProcess(StreamingEngine):
         self._dead = False
         self._reader = threading.Thread(target=self._read, name="jaxengine-engine-reader", daemon=True)
         self._reader.start()
-
-    @staticmethod
-    def _combine(stream, run: list[tuple]) -> RequestOutput:
-        return unpack(stream, run)  # the child sends packed outputs
 
     # ------------------------------------------------------------------ commands
 
@@ -150,7 +146,7 @@ class EngineProcess(StreamingEngine):
             except (EOFError, OSError):
                 break
             kind = msg[0]
-            if kind == "outputs":  # packed: built into RequestOutputs only when a stream is read
+            if kind == "outputs":  # built into RequestOutputs only when a stream is read
                 self._send_all([(rec[0], rec, sum(len(c[2]) for c in rec[6]), rec[3]) for rec in msg[1]])
             elif kind == "reply":
                 _, cid, ok, value = msg
@@ -178,55 +174,8 @@ def _picklable_error(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-# A step's outputs cross the pipe as plain tuples, not dataclasses: pickling 256 RequestOutputs
-# takes ~1.6 ms and building them again ~2.5 ms (dev VM), on every step of a 200-step/s engine.
-# Packed: (request_id, prompt, prompt_token_ids, finished, num_cached_tokens, metrics tuple,
-#          [(index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason)],
-#          prompt_logprobs); prompt and prompt_token_ids only in a request's first record.
-
-def pack(out: RequestOutput, with_prompt: bool) -> tuple:
-    m = out.metrics
-    return (
-        out.request_id, out.prompt if with_prompt else None, out.prompt_token_ids if with_prompt else None,
-        out.finished, out.num_cached_tokens,
-        (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time),
-        [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason)
-         for c in out.outputs],
-        out.prompt_logprobs,
-    )
-
-
-def unpack(stream, run: list[tuple]) -> RequestOutput:
-    """The packed records a stream received since it was last read, as one RequestOutput
-    (DELTA records merged before anything is built; otherwise the newest)."""
-    for rec in run:
-        if rec[2] is not None:
-            stream.prompt = (rec[1], rec[2])
-    last = run[-1]
-    if stream.kind is OutputKind.DELTA and len(run) > 1:
-        merged: dict[int, list] = {}
-        for rec in run:
-            for c in rec[6]:
-                m = merged.get(c[0])
-                if m is None:
-                    merged[c[0]] = list(c)
-                    continue
-                m[1] += c[1]
-                m[2] = m[2] + c[2]
-                if c[4] is not None:
-                    m[4] = (m[4] or []) + c[4]
-                m[3], m[5], m[6] = c[3], c[5], c[6]
-        completions = merged.values()
-        prompt_logprobs = next((r[7] for r in reversed(run) if r[7] is not None), None)
-    else:
-        completions, prompt_logprobs = last[6], last[7]
-    text, ids = stream.prompt or (None, [])
-    return RequestOutput(last[0], text, ids, [CompletionOutput(*c) for c in completions], last[3],
-                         RequestMetrics(*last[5]), last[4], prompt_logprobs=prompt_logprobs)
-
-
 class _Sender:
-    """The child's messages to the parent. A step's outputs are packed and pickled on the
+    """The child's messages to the parent. A step's OutputRecords are pickled on the
     engine's thread (fast, and no second thread holding the GIL inside pickle.dumps when
     the engine wants it back); a thread of their own writes them, so a parent that is slow
     to read never stalls a step on a full pipe."""
@@ -241,16 +190,17 @@ class _Sender:
     def send(self, msg: tuple) -> None:
         self._queue.put(msg)
 
-    def outputs(self, outputs: list[RequestOutput]) -> None:
-        sent, packed = self._prompt_sent, []
-        for out in outputs:
-            rid = out.request_id
-            packed.append(pack(out, rid not in sent))
-            if out.finished:
+    def outputs(self, records: list[OutputRecord]) -> None:
+        sent = self._prompt_sent
+        for rec in records:
+            rid = rec[0]
+            if rid in sent:
+                rec[1] = rec[2] = None  # the parent's stream has them
+            if rec[3]:  # finished
                 sent.discard(rid)
             else:
                 sent.add(rid)
-        self._queue.put(pickle.dumps(("outputs", packed), protocol=pickle.HIGHEST_PROTOCOL))
+        self._queue.put(pickle.dumps(("outputs", records), protocol=pickle.HIGHEST_PROTOCOL))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -294,18 +244,18 @@ def _child_main(config: EngineConfig, conn, progress: bool) -> None:
             if not engine.has_unfinished_requests():
                 continue
             try:
-                outputs = engine.step()
+                records = engine.step_records()
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                 log.exception("engine step failed")
                 rids = sorted(live)
                 engine.abort_request(rids)
-                engine.step()
+                engine.step_records()
                 live.clear()
                 sender.send(("step_failed", rids, repr(e)))
                 continue
-            if outputs:
-                live.difference_update(out.request_id for out in outputs if out.finished)
-                sender.outputs(outputs)
+            if records:
+                live.difference_update(rec[0] for rec in records if rec[3])
+                sender.outputs(records)
     except (EOFError, OSError):  # the parent is gone
         pass
     finally:
@@ -325,7 +275,7 @@ def _handle_commands(engine, conn, sender: _Sender, live: set[str]) -> bool:
         if kind == "stop":
             if live:
                 engine.abort_request(sorted(live))
-                engine.step()
+                engine.step_records()
             return True
         if kind == "abort":
             if msg[1] in live:

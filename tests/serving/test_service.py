@@ -229,7 +229,7 @@ def test_failure_of_one_call_is_internal_and_others_run(server, stub, async_engi
 
 def test_engine_step_failure_fails_calls_in_flight_then_recovers(stub, async_engine, monkeypatch):
     engine = async_engine.engine
-    real = engine.step
+    real = engine.step_records
     state = {"failed": False}
 
     def step():
@@ -238,7 +238,7 @@ def test_engine_step_failure_fails_calls_in_flight_then_recovers(stub, async_eng
             raise RuntimeError("device fell over")
         return real()
 
-    monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine, "step_records", step)
     with pytest.raises(grpc.RpcError) as e:
         collect(stub, request("Hello", max_tokens=5, request_id="doomed"))
     assert e.value.code() == grpc.StatusCode.INTERNAL and "device fell over" in e.value.details()
@@ -250,13 +250,13 @@ def test_engine_step_failure_fails_calls_in_flight_then_recovers(stub, async_eng
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 def test_cancel_or_deadline_aborts_and_frees_blocks(stub, async_engine, how, monkeypatch):
     wait_idle(async_engine)
-    real_step = async_engine.engine.step
+    real_step = async_engine.engine.step_records
 
     def slow_step():  # 120 tokens now take > 2.4 s: the call is surely cut off mid-generation
         time.sleep(0.02)
         return real_step()
 
-    monkeypatch.setattr(async_engine.engine, "step", slow_step)
+    monkeypatch.setattr(async_engine.engine, "step_records", slow_step)
     req = request(list(range(1, 40)), max_tokens=120, ignore_eos=True, request_id=f"cut-{how}")
     if how == "cancel":
         call = stub.Generate(req, timeout=60)
