@@ -55,16 +55,20 @@ class _Stream:
         self.closed = False  # the last item (finished output or error) has arrived
         self.started = False  # something was handed out already
 
+    def _due(self) -> bool:
+        """Something to hand out now (with stream_interval: enough of it, or the first or last)."""
+        return bool(self.items) and (self.interval == 1 or self.closed or not self.started
+                                     or self.new_tokens >= self.interval)
+
     def put(self, item: Any, num_tokens: int, last: bool) -> None:
         self.items.append(item)
         self.new_tokens += num_tokens
         self.closed = self.closed or last
-        if self.interval == 1 or last or not self.started or self.new_tokens >= self.interval:
+        if self._due():
             self.ready.set()
 
     async def get(self) -> RequestOutput | BaseException:
-        while not self.items or not (self.interval == 1 or self.closed or not self.started
-                                     or self.new_tokens >= self.interval):
+        while not self._due():
             self.ready.clear()
             await self.ready.wait()
         self.started, self.new_tokens = True, 0
@@ -187,6 +191,10 @@ class StreamingEngine:
     def shutdown(self, timeout: float | None = 10.0) -> None:
         raise NotImplementedError
 
+    def _send_records(self, records: list[OutputRecord]) -> None:
+        """A step's OutputRecords to their streams."""
+        self._send_all([(r[0], r, sum(len(c[2]) for c in r[6]), r[3]) for r in records])
+
     def _send_all(self, items: list[tuple[str, Any, int, bool]]) -> None:
         """Hand a step's outputs over, as (request id, item, its new tokens, last for this
         request): one wake-up per caller event loop, not per request (each
@@ -297,6 +305,6 @@ class AsyncEngine(StreamingEngine):
                 for rid in rids:
                     self._send(rid, EngineDeadError(f"engine step failed: {e!r}"))
                 continue
-            self._send_all([(r[0], r, sum(len(c[2]) for c in r[6]), r[3]) for r in records])
+            self._send_records(records)
         for rid in list(self._streams):
             self._send(rid, EngineDeadError("engine shut down"))

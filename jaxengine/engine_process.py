@@ -147,7 +147,7 @@ class EngineProcess(StreamingEngine):
                 break
             kind = msg[0]
             if kind == "outputs":  # built into RequestOutputs only when a stream is read
-                self._send_all([(rec[0], rec, sum(len(c[2]) for c in rec[6]), rec[3]) for rec in msg[1]])
+                self._send_records(msg[1])
             elif kind == "reply":
                 _, cid, ok, value = msg
                 fut = self._pending.pop(cid, None)

@@ -174,18 +174,27 @@ class ModelRunner:
         """Temporary device memory of the largest step, from XLA's own accounting of the
         compiled program (lowered over a 2-page cache: the kernel never materialises the
         context, so the pool size does not change the activations)."""
-        cfg, t = self.config, self.token_buckets[-1]
-        s = min(self.seq_buckets[-1], t)
-        kv_sharding = self.device if self.mesh is None else kv_cache_sharding(self.mesh)
-        kv = [jax.ShapeDtypeStruct((2, cfg.num_kv_heads, 2, self.block_size, cfg.head_dim), self.kv_dtype,
-                                   sharding=kv_sharding)] * cfg.num_layers
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-        meta = AttentionMetadata(
-            positions=i32(t), slot_mapping=i32(t), kv_lens=i32(s), page_indices=i32(s, self.max_pages),
-            cu_q_lens=i32(s + 1), num_seqs=i32(1), logits_indices=i32(s),
-        )
-        analysis = self._forward.lower(self.state, kv, i32(t), meta).compile().memory_analysis()
+        t = self.token_buckets[-1]
+        args = self._forward_args(t, min(self.seq_buckets[-1], t))
+        analysis = self._forward.lower(self.state, self._abstract_kv_cache(2), *args).compile().memory_analysis()
         return 0 if analysis is None else int(analysis.temp_size_in_bytes)
+
+    def _abstract_kv_cache(self, num_blocks: int) -> list[jax.ShapeDtypeStruct]:
+        """The KV cache's shapes and shardings, to compile against before (or without) it."""
+        cfg = self.config
+        sharding = self.device if self.mesh is None else kv_cache_sharding(self.mesh)
+        return [jax.ShapeDtypeStruct((2, cfg.num_kv_heads, num_blocks, self.block_size, cfg.head_dim), self.kv_dtype,
+                                     sharding=sharding)] * cfg.num_layers
+
+    def _forward_args(self, t: int, s: int) -> tuple[jax.Array, AttentionMetadata]:
+        """Placeholder tokens and metadata of a (T, S) bucket, placed as `execute` places them."""
+        meta = AttentionMetadata(
+            positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
+            kv_lens=np.zeros(s, np.int32), page_indices=np.zeros((s, self.max_pages), np.int32),
+            cu_q_lens=np.zeros(s + 1, np.int32), num_seqs=np.zeros(1, np.int32),
+            logits_indices=np.zeros(s, np.int32),
+        )
+        return jax.device_put(np.zeros(t, np.int32), self.device), meta
 
     # ------------------------------------------------------------------ buckets
 
@@ -389,28 +398,16 @@ class ModelRunner:
         pairs = sorted({(t, min(s, t)) for t in self.token_buckets for s in self.seq_buckets})
         # Per S bucket: all-greedy, temperature only, and top-k/top-p.
         samplers = [(s, k, g) for s in sorted({s for _, s in pairs}) for k, g in ((False, True), (False, False), (True, False))]
-        kv_sharding = self.device if self.mesh is None else kv_cache_sharding(self.mesh)
-        cfg = self.config
-        abstract_kv = [jax.ShapeDtypeStruct((2, cfg.num_kv_heads, num_blocks, self.block_size, cfg.head_dim),
-                                            self.kv_dtype, sharding=kv_sharding)] * cfg.num_layers
-
-        def forward_args(t: int, s: int):
-            meta = AttentionMetadata(
-                positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
-                kv_lens=np.zeros(s, np.int32), page_indices=np.zeros((s, self.max_pages), np.int32),
-                cu_q_lens=np.zeros(s + 1, np.int32), num_seqs=np.zeros(1, np.int32),
-                logits_indices=np.zeros(s, np.int32),
-            )
-            return jax.device_put(np.zeros(t, np.int32), self.device), meta
+        abstract_kv = self._abstract_kv_cache(num_blocks)
 
         def sampler_args(s: int):
             tensors, _ = self._sampling_tensors([], s, {})
-            return jax.device_put(jnp.zeros((s, cfg.vocab_size), jnp.float32), self.device), tensors
+            return jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device), tensors
 
         with tqdm(total=2 * (len(pairs) + len(samplers)), desc="compiling", disable=not progress, unit="program") as bar:
             self.kv_caches = []  # no cache while compiling (a runner may be warmed up again)
             for t, s in pairs:
-                self._forward.lower(self.state, abstract_kv, *forward_args(t, s)).compile()
+                self._forward.lower(self.state, abstract_kv, *self._forward_args(t, s)).compile()
                 bar.update()
             for s, use_top_k_top_p, all_greedy in samplers:
                 self._sample.lower(*sampler_args(s), num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
@@ -418,7 +415,7 @@ class ModelRunner:
                 bar.update()
             self.allocate_kv_cache(num_blocks)
             for t, s in pairs:
-                logits, self.kv_caches = self._forward(self.state, self.kv_caches, *forward_args(t, s))
+                logits, self.kv_caches = self._forward(self.state, self.kv_caches, *self._forward_args(t, s))
                 bar.update()
             jax.block_until_ready(self.kv_caches)
             prev = {}
