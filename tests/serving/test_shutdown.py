@@ -93,7 +93,7 @@ def test_sigterm_drains_and_exits_zero(serve_process):
     first = list(stub.Generate(request("Hello", max_tokens=4, temperature=0), timeout=60))
     assert first[-1].outputs[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
-    num_calls = 24
+    num_calls = 96  # waves of max_num_seqs: the engine process cannot finish them all inside the drain
     results: list = [None] * num_calls
     threads = [threading.Thread(target=_run_call, args=(stub, request([1 + i, 7], max_tokens=150, ignore_eos=True), results, i))
                for i in range(num_calls)]
