@@ -68,7 +68,7 @@ async def _one(stub, req, sem, records: list):
 
 
 async def _load(target: str, reqs: list[bytes], rate: float, max_concurrency: int | None, seed: int,
-                api_key: str | None, num_channels: int) -> tuple[list[dict], float]:
+                api_key: str | None, num_channels: int, start_at: float | None = None) -> tuple[list[dict], float]:
     import grpc
 
     from serving.generated import engine_pb2 as pb
@@ -83,7 +83,9 @@ async def _load(target: str, reqs: list[bytes], rate: float, max_concurrency: in
     rng = random.Random(seed)
     sem = asyncio.Semaphore(max_concurrency or len(requests))
     records: list[dict] = []
-    start = time.perf_counter()
+    if start_at is not None:  # several client processes start together (perf_counter is system-wide on Linux)
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+    start = time.perf_counter() if start_at is None else start_at
     tasks = []
     for i, req in enumerate(requests):
         tasks.append(asyncio.create_task(_one(stubs[i % len(stubs)], req, sem, records)))
@@ -104,9 +106,21 @@ class _WithMetadata:
         return self._stub.Generate(req, metadata=self._md)
 
 
-def run_load(target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4):
-    """Entry point of the spawned client process."""
-    return asyncio.run(_load(target, reqs, rate, max_concurrency, seed, api_key, num_channels))
+def run_load(target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4, start_at=None):
+    """Entry point of a spawned client process: (records, seconds from start to the last call's end)."""
+    return asyncio.run(_load(target, reqs, rate, max_concurrency, seed, api_key, num_channels, start_at))
+
+
+def run_load_split(pool, num_procs: int, target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4):
+    """The load spread over `num_procs` client processes of `pool` (one Python process
+    receives ~10 k streamed messages/s): each sends every num_procs-th request, at
+    rate / num_procs (Poisson arrivals merge into Poisson at `rate`), all from one start."""
+    start_at = time.perf_counter() + 1.0  # time for idle pool processes to pick their part up
+    per_proc = None if max_concurrency is None else max(1, math.ceil(max_concurrency / num_procs))
+    parts = [pool.submit(run_load, target, reqs[i::num_procs], rate / num_procs, per_proc, seed + i, api_key,
+                         num_channels, start_at) for i in range(num_procs)]
+    results = [f.result() for f in parts]
+    return [r for records, _ in results for r in records], max(d for _, d in results)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -245,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-channels", type=int, default=4, help="gRPC channels the load generator spreads calls over")
     p.add_argument("--no-offline", action="store_true", help="skip the offline-vs-served comparison")
     p.add_argument("--engine-process", action="store_true", help="launch mode: the engine in a child process (EngineProcess)")
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="launch mode: gRPC front-end processes on the port (needs --engine-process; serving/frontends.py)")
+    p.add_argument("--num-client-processes", type=int, default=1, help="load-generator processes the calls are split over")
     p.add_argument("--bench-seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     _add_engine_args(p)
@@ -253,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.generated import engine_pb2 as pb
 
-    server = async_engine = None
+    if args.api_server_count > 1 and not (args.engine_process and args.target is None):
+        p.error("--api-server-count > 1 needs --engine-process (launch mode)")
+    server = async_engine = frontends = None
     target = args.target
     result: dict = dict(config={k: v for k, v in vars(args).items()}, git_sha=_git_sha())
     if target is None:
@@ -267,12 +286,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine_process:
             from jaxengine.engine_process import EngineProcess
 
-            async_engine = EngineProcess(EngineConfig.from_kwargs(args.model, **kw))
+            async_engine = EngineProcess(EngineConfig.from_kwargs(args.model, **kw), num_clients=args.api_server_count)
         else:
             async_engine = AsyncEngine(Engine(EngineConfig.from_kwargs(args.model, **kw)))
         print(f"engine ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        server = BackgroundServer(async_engine, ServeOptions(port=0, model_name=args.model or "default"))
+        options = ServeOptions(port=0, model_name=args.model or "default", reuse_port=args.api_server_count > 1)
+        server = BackgroundServer(async_engine, options)
         target = server.address
+        if args.api_server_count > 1:
+            import dataclasses
+
+            from serving.frontends import FrontendProcesses
+
+            frontends = FrontendProcesses(dataclasses.replace(options, port=server.port), async_engine.client_connections)
         result.update(async_engine.call(_device_info).result(), engine_process=args.engine_process)
 
     from serving.client import Client
@@ -314,17 +340,18 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        # Warm-up through the whole path (and the client process's imports).
-        pool.submit(run_load, target, reqs[: min(8, len(reqs))], math.inf, None, 1, args.api_key, 1).result()
+    nproc = args.num_client_processes
+    with concurrent.futures.ProcessPoolExecutor(nproc, mp_context=ctx) as pool:
+        # Warm-up through the whole path (and the client processes' imports).
+        run_load_split(pool, nproc, target, reqs[: min(8 * nproc, len(reqs))], math.inf, None, 1, args.api_key, 1)
         result["runs"] = {}
         for rate in rates:
             before = async_engine.call(_timing).result() if async_engine is not None else None
             done = threading.Event()
             watcher = concurrent.futures.ThreadPoolExecutor(1).submit(_watch_queue, async_engine, done) \
                 if async_engine is not None else None
-            records, duration = pool.submit(run_load, target, reqs, rate, args.max_concurrency, args.bench_seed,
-                                            args.api_key, args.num_channels).result()
+            records, duration = run_load_split(pool, nproc, target, reqs, rate, args.max_concurrency, args.bench_seed,
+                                               args.api_key, args.num_channels)
             done.set()
             s = summarize(records, duration)
             if before is not None:
@@ -350,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"served / offline output throughput at saturation: {ratio:.3f}")
 
     save()
+    if frontends is not None:
+        frontends.terminate()
+        frontends.join(60)
     if server is not None:
         server.close()
         async_engine.shutdown()

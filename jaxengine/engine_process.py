@@ -7,11 +7,18 @@ costs more than the model (benchmarks/RESULTS.md, Serving). Here the engine runs
 process of its own (as vLLM V1's engine core does) and talks to this one over a pipe:
 
     parent -> child   ("add", call_id, (prompt, params, rid, kind, priority))
-                      ("abort", rid) | ("call", call_id, fn, args) | ("stop",)
+                      ("abort", rid) | ("call", call_id, fn, args) | ("leave",) | ("stop",)
     child -> parent   ("ready", EngineInfo) | ("failed", message)      once, at start
                       ("reply", call_id, ok, value)                    per add / call
                       ("outputs", [OutputRecord, ...])                 per step
                       ("step_failed", [rid, ...], message)
+                      ("left",)                                        after "leave"
+
+The child can serve several such connections (`num_clients`): one per gRPC front-end
+process (`jaxengine serve --api-server-count N`, vLLM's API-server scale-out). Each
+connection's requests and outputs are its own; `EngineClient` is one connection's end, and
+`EngineProcess` (connection 0) also owns the child. A client that goes away has its
+requests aborted; "stop" is connection 0's alone.
 
 `call(fn, *args)` runs `fn(engine, *args)` in the child, so `fn` must be picklable (a
 module-level function). The child is started with "spawn": a script that creates an
@@ -27,6 +34,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import pickle
 import queue
 import threading
@@ -57,25 +65,19 @@ class EngineInfo:
                    engine.num_blocks, engine.tokenizer)
 
 
-class EngineProcess(StreamingEngine):
-    """`AsyncEngine`'s interface, with the engine loaded, compiled and stepped in a child
-    process. The constructor returns once the child is ready (or raises its error)."""
+class EngineClient(StreamingEngine):
+    """`AsyncEngine`'s interface over one connection to an engine child process. Built from
+    a connection the child was started with (`EngineProcess.client_connections`), in any
+    process; the constructor waits for the child to be ready (or raises its error)."""
 
-    def __init__(self, config: EngineConfig, *, progress: bool = True):
+    def __init__(self, conn):
         super().__init__()
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited JAX state
-        self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_child_main, args=(config, child_conn, progress),
-                                    name="jaxengine-engine", daemon=True)
-        self._process.start()
-        child_conn.close()
+        self._conn = conn
         try:
-            kind, value = self._conn.recv()
+            kind, value = conn.recv()
         except EOFError:
-            self._process.join(5)
-            raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})") from None
+            raise RuntimeError("the engine process exited while loading") from None
         if kind == "failed":
-            self._process.join(5)
             raise RuntimeError(f"the engine process could not load the model: {value}")
         self.engine: EngineInfo = value
         self._send_lock = threading.Lock()
@@ -126,16 +128,15 @@ class EngineProcess(StreamingEngine):
         return self._request(lambda cid: ("call", cid, fn, args))
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Leave the engine (which aborts what this connection still runs); it goes on for
+        its other clients. `EngineProcess.shutdown` stops it."""
         if not self._dead:
             try:
-                self._send(("stop",))
+                self._send(("leave",))  # answered with "left", which ends the reader
             except OSError:
                 pass
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5)
         self._reader.join(timeout)
+        self._conn.close()
 
     # ------------------------------------------------------------------ replies and outputs
 
@@ -146,6 +147,8 @@ class EngineProcess(StreamingEngine):
             except (EOFError, OSError):
                 break
             kind = msg[0]
+            if kind == "left":
+                break
             if kind == "outputs":  # built into RequestOutputs only when a stream is read
                 self._send_records(msg[1])
             elif kind == "reply":
@@ -162,6 +165,43 @@ class EngineProcess(StreamingEngine):
                 fut.set_exception(EngineDeadError("the engine process has exited"))
         self._pending.clear()
         self._send_all([(rid, EngineDeadError("engine shut down"), 0, True) for rid in list(self._streams)])
+
+
+class EngineProcess(EngineClient):
+    """Starts the engine child (load and compile there) and is its connection 0. With
+    `num_clients` > 1 the child also serves `client_connections` (hand each to the process
+    that builds an `EngineClient` on it, e.g. by passing it to a spawned Process)."""
+
+    def __init__(self, config: EngineConfig, *, progress: bool = True, num_clients: int = 1):
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited JAX state
+        pipes = [ctx.Pipe() for _ in range(num_clients)]
+        self._process = ctx.Process(target=_child_main, args=(config, [c for _, c in pipes], progress),
+                                    name="jaxengine-engine", daemon=True)
+        self._process.start()
+        for _, child_end in pipes:
+            child_end.close()
+        self.client_connections = [ours for ours, _ in pipes[1:]]
+        try:
+            super().__init__(pipes[0][0])
+        except RuntimeError as e:
+            self._process.join(5)
+            raise RuntimeError(f"{e} (exit code {self._process.exitcode})") from None
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        if not self._dead:
+            try:
+                self._send(("stop",))
+            except OSError:
+                pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+        self._reader.join(timeout)
+        for conn in self.client_connections + [self._conn]:
+            conn.close()
 
 
 # ---------------------------------------------------------------------- the child process
@@ -219,7 +259,7 @@ class _Sender:
                 return
 
 
-def _child_main(config: EngineConfig, conn, progress: bool) -> None:
+def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
     import signal
 
     from jaxengine.data_parallel import make_engine
@@ -232,14 +272,16 @@ def _child_main(config: EngineConfig, conn, progress: bool) -> None:
     try:
         engine = make_engine(config, progress=progress)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        for conn in conns:
+            conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", EngineInfo.of(engine)))
-    sender = _Sender(conn)
-    live: set[str] = set()  # requests added and not yet finished
+    info = EngineInfo.of(engine)
+    for conn in conns:
+        conn.send(("ready", info))
+    clients = _Clients(engine, conns)
     try:
         while True:
-            if _handle_commands(engine, conn, sender, live):
+            if clients.handle_commands():
                 break
             if not engine.has_unfinished_requests():
                 continue
@@ -247,49 +289,112 @@ def _child_main(config: EngineConfig, conn, progress: bool) -> None:
                 records = engine.step_records()
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                 log.exception("engine step failed")
-                rids = sorted(live)
-                engine.abort_request(rids)
-                engine.step_records()
-                live.clear()
-                sender.send(("step_failed", rids, repr(e)))
+                clients.fail_all(repr(e))
                 continue
             if records:
-                live.difference_update(rec[0] for rec in records if rec[3])
-                sender.outputs(records)
+                clients.outputs(records)
     except (EOFError, OSError):  # the parent is gone
         pass
     finally:
-        sender.close()
+        clients.close()
         close = getattr(engine, "close", None)
         if close is not None:
             close()
 
 
-def _handle_commands(engine, conn, sender: _Sender, live: set[str]) -> bool:
-    """Run every command waiting (block briefly when the engine is idle); True on stop."""
-    timeout = 0.0 if engine.has_unfinished_requests() else 0.5
-    while conn.poll(timeout):
-        timeout = 0.0
-        msg = conn.recv()
-        kind = msg[0]
-        if kind == "stop":
-            if live:
-                engine.abort_request(sorted(live))
+class _Clients:
+    """The child's connections: their commands, and each step's outputs to the connection
+    whose request they are."""
+
+    def __init__(self, engine, conns: list):
+        self.engine = engine
+        self.conns = dict(enumerate(conns))  # still connected
+        self.senders = [_Sender(c) for c in conns]
+        self.owner: dict[str, int] = {}  # requests added and not yet finished -> their connection
+
+    def handle_commands(self) -> bool:
+        """Run every command waiting (block briefly when the engine is idle); True on stop."""
+        timeout = 0.0 if self.engine.has_unfinished_requests() else 0.5
+        while ready := multiprocessing.connection.wait(list(self.conns.values()), timeout):
+            timeout = 0.0
+            for conn in ready:
+                i = next(k for k, c in self.conns.items() if c is conn)
+                while True:
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        if i == 0:
+                            raise
+                        self._client_gone(i)
+                        break
+                    if self._handle(i, msg):
+                        return True
+                    if i not in self.conns or not conn.poll():
+                        break
+        return False
+
+    def _handle(self, i: int, msg: tuple) -> bool:
+        engine, kind = self.engine, msg[0]
+        if kind == "stop" and i == 0:
+            if self.owner:
+                engine.abort_request(sorted(self.owner))
                 engine.step_records()
             return True
+        if kind == "leave":
+            self._client_gone(i)
+            self.senders[i].send(("left",))
+            return False
         if kind == "abort":
-            if msg[1] in live:
+            if self.owner.get(msg[1]) == i:
                 engine.abort_request(msg[1])
-            continue
+            return False
         cid = msg[1]
         try:
             if kind == "add":
                 prompt, params, rid, out_kind, prio = msg[2]
                 value = engine.add_request(prompt, params, request_id=rid, output_kind=out_kind, priority=prio)
-                live.add(value)
+                self.owner[value] = i
             else:  # "call"
                 value = msg[2](engine, *msg[3])
-            sender.send(("reply", cid, True, value))
+            self.senders[i].send(("reply", cid, True, value))
         except Exception as e:  # noqa: BLE001 - the caller gets it, the engine goes on
-            sender.send(("reply", cid, False, _picklable_error(e)))
-    return False
+            self.senders[i].send(("reply", cid, False, _picklable_error(e)))
+        return False
+
+    def _client_gone(self, i: int) -> None:
+        if self.conns.pop(i, None) is None:
+            return
+        rids = sorted(r for r, k in self.owner.items() if k == i)
+        if rids:
+            self.engine.abort_request(rids)  # their final outputs go nowhere
+            log.warning("engine client %d left; aborted its %d requests", i, len(rids))
+
+    def outputs(self, records: list[OutputRecord]) -> None:
+        owner = self.owner
+        if len(self.senders) == 1:
+            for rec in records:
+                if rec[3]:
+                    owner.pop(rec[0], None)
+            self.senders[0].outputs(records)
+            return
+        by_client: dict[int, list[OutputRecord]] = {}
+        for rec in records:
+            i = owner.pop(rec[0], None) if rec[3] else owner.get(rec[0])
+            if i is not None and i in self.conns:
+                by_client.setdefault(i, []).append(rec)
+        for i, recs in by_client.items():
+            self.senders[i].outputs(recs)
+
+    def fail_all(self, message: str) -> None:
+        rids = sorted(self.owner)
+        self.engine.abort_request(rids)
+        self.engine.step_records()
+        for i in self.conns:
+            mine = [r for r in rids if self.owner[r] == i]
+            if mine:
+                self.senders[i].send(("step_failed", mine, message))
+        self.owner.clear()
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.close()

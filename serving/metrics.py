@@ -6,6 +6,8 @@ queries and hits, preemptions) is read from the engine at scrape time, on the en
 thread (`AsyncEngine.call`), so a scrape never races a step.
 
 Every server gets its own `CollectorRegistry` (several servers may live in one process).
+With several front-end processes (serving/frontends.py) the serving process's endpoint adds
+the others' per-request metrics, fetched at scrape time, to its own (`add_source`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,54 @@ class _EngineStatsCollector:
             yield c
 
 
+# A registry's metrics as plain data, to send between processes:
+# [(name, documentation, type, unit, [(sample name, labels, value), ...]), ...]
+MetricFamilies = list[tuple[str, str, str, str, list[tuple[str, dict, float]]]]
+
+
+def _families(registry: CollectorRegistry) -> MetricFamilies:
+    return [(m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+            for m in registry.collect()]
+
+
+def merge_families(groups: list[MetricFamilies]) -> list[Metric]:
+    """Several processes' counters and histograms as one: values summed per sample name and
+    labels (histogram buckets too: every process uses the same buckets); `_created`, the
+    earliest."""
+    merged: dict[str, tuple[Metric, dict]] = {}
+    for group in groups:
+        for name, doc, typ, unit, samples in group:
+            metric, values = merged.setdefault(name, (Metric(name, doc, typ, unit), {}))
+            for sample, labels, value in samples:
+                key = (sample, tuple(sorted(labels.items())))
+                old = values.get(key)
+                values[key] = value if old is None else min(old, value) if sample.endswith("_created") else old + value
+    for metric, values in merged.values():
+        for (sample, labels), value in values.items():
+            metric.add_sample(sample, dict(labels), value)
+    return [metric for metric, _ in merged.values()]
+
+
+class _RequestMetricsCollector:
+    """This process's per-request metrics plus those of the other front-end processes."""
+
+    def __init__(self, local: CollectorRegistry, sources: list[Callable[[], list[MetricFamilies]]]):
+        self._local, self._sources = local, sources
+
+    def collect(self):
+        return merge_families([_families(self._local)] + [g for source in self._sources for g in source()])
+
+    def describe(self):
+        return list(self._local.collect())  # the names, for the registry's duplicate check
+
+
 class ServingMetrics:
     def __init__(self, model_name: str, stats: Callable[[], dict | None]):
-        self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry()  # what /metrics serves
         self.model_name = model_name
-        reg, labels = self.registry, ["model_name"]
+        self._requests = CollectorRegistry()  # this process's per-request metrics
+        self._sources: list[Callable[[], list[MetricFamilies]]] = []
+        reg, labels = self._requests, ["model_name"]
         self.registry.register(_EngineStatsCollector(stats, model_name))
         self.prompt_tokens = Counter("jaxengine:prompt_tokens", "Number of prefill tokens processed.", labels, registry=reg).labels(model_name)
         self.generation_tokens = Counter("jaxengine:generation_tokens", "Number of generation tokens processed.", labels, registry=reg).labels(model_name)
@@ -70,7 +115,16 @@ class ServingMetrics:
         self.itl = Histogram("jaxengine:inter_token_latency_seconds", "Time between streamed tokens.", labels, buckets=_ITL_BUCKETS, registry=reg).labels(model_name)
         self.e2e = Histogram("jaxengine:e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=_LATENCY_BUCKETS, registry=reg).labels(model_name)
         self.queue_time = Histogram("jaxengine:request_queue_time_seconds", "Time requests spent waiting before first scheduled.", labels, buckets=_LATENCY_BUCKETS, registry=reg).labels(model_name)
+        self.registry.register(_RequestMetricsCollector(reg, self._sources))
         self._http = None
+
+    def request_families(self) -> MetricFamilies:
+        """This process's per-request metrics, to send to the process that serves /metrics."""
+        return _families(self._requests)
+
+    def add_source(self, source: Callable[[], list[MetricFamilies]]) -> None:
+        """Also serve other processes' per-request metrics, summed with these at scrape time."""
+        self._sources.append(source)
 
     def request_finished(self, finish_reason: str, ttft: float | None, e2e: float | None, queue: float | None) -> None:
         self._success.labels(self.model_name, finish_reason).inc()

@@ -51,6 +51,9 @@ class ServeOptions:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_queue: int | None = None  # None: unbounded
     drain_timeout: float = 30.0
+    # Let other front-end processes listen on this port too (serving/frontends.py). Off by
+    # default: a second server on a busy port must fail, not share it silently.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -95,8 +98,7 @@ class EngineServer:
         """Bind and start answering (health NOT_SERVING until `set_engine`); returns the port."""
         opts = self.options
         interceptors = [ApiKeyInterceptor(opts.api_keys)] if opts.api_keys else []
-        # so_reuseport off: a second server on a busy port must fail, not share it silently.
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", int(opts.reuse_port))])
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -150,7 +152,8 @@ class EngineServer:
         return aborted
 
 
-def _load_in_thread(config: EngineConfig, progress: bool, engine_process: bool) -> tuple[asyncio.Future, threading.Thread]:
+def _load_in_thread(config: EngineConfig, progress: bool, engine_process: bool,
+                    num_clients: int = 1) -> tuple[asyncio.Future, threading.Thread]:
     """Build the engine (load + compile) on a daemon thread; the loop stays responsive."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
@@ -160,7 +163,7 @@ def _load_in_thread(config: EngineConfig, progress: bool, engine_process: bool) 
             if engine_process:
                 from jaxengine.engine_process import EngineProcess
 
-                result = EngineProcess(config, progress=progress)
+                result = EngineProcess(config, progress=progress, num_clients=num_clients)
             else:
                 from jaxengine.data_parallel import make_engine
 
@@ -176,9 +179,16 @@ def _load_in_thread(config: EngineConfig, progress: bool, engine_process: bool) 
     return fut, thread
 
 
-async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool = True, engine_process: bool = False) -> int:
+async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool = True, engine_process: bool = False,
+                api_server_count: int = 1) -> int:
     """Run a server until SIGTERM/SIGINT; returns the exit code. `engine_process`: run the
-    engine in a child process (`EngineProcess`) instead of a thread of this one."""
+    engine in a child process (`EngineProcess`) instead of a thread of this one;
+    `api_server_count` > 1 (needs it): that many front-end processes share the port
+    (serving/frontends.py)."""
+    if api_server_count < 1 or (api_server_count > 1 and not engine_process):
+        raise ValueError(f"api_server_count must be 1, or more with the engine in its own process; got {api_server_count}")
+    if api_server_count > 1:
+        options = dataclasses.replace(options, reuse_port=True)
     server = EngineServer(options)
     try:
         port = await server.start()
@@ -190,17 +200,20 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
           file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    frontends: list = []  # the FrontendProcesses, once started
 
     def on_signal(signame: str):
         if stop.is_set():
             print(f"jaxengine: {signame} again: aborting in-flight requests now", file=sys.stderr, flush=True)
             server.skip_drain_wait()
+        for f in frontends:
+            f.terminate()  # they drain (or, the second time, abort) their own calls
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
-        load, _thread = _load_in_thread(config, progress, engine_process)
+        load, _thread = _load_in_thread(config, progress, engine_process, api_server_count)
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait([load, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():  # told to stop while loading: nothing is in flight
@@ -212,13 +225,34 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
             print(f"error: could not load the model: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             await server.drain(0)
             return 1
-        await server.set_engine(load.result())
+        engine = load.result()
+        if api_server_count > 1:
+            from serving.frontends import FrontendProcesses
+
+            try:
+                started = await asyncio.to_thread(FrontendProcesses, dataclasses.replace(options, port=port),
+                                                  engine.client_connections)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                await server.drain(0)
+                return 1
+            frontends.append(started)
+            server.metrics.add_source(started.metrics)
+            if stop.is_set():
+                started.terminate()
+        await server.set_engine(engine)
         extra = f", metrics on http://{options.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        extra += f", {api_server_count} front-end processes" if api_server_count > 1 else ""
         print(f"jaxengine: serving {options.model_name} ({SERVICE_NAME}) on {scheme}://{options.host}:{port}{extra}",
               flush=True)
         await stopper
         print(f"jaxengine: draining (up to {options.drain_timeout:g}s for in-flight requests)", file=sys.stderr, flush=True)
-        aborted = await server.drain()
+        aborted = await server.drain(shutdown_engine=not frontends)
+        for f in frontends:
+            codes = await asyncio.to_thread(f.join, options.drain_timeout + 30)
+            if any(codes):
+                print(f"jaxengine: front-end exit codes {codes}", file=sys.stderr, flush=True)
+            await asyncio.to_thread(engine.shutdown)
         print(f"jaxengine: stopped ({aborted} requests aborted)", file=sys.stderr, flush=True)
         return 0
     finally:

@@ -1,17 +1,20 @@
 """The service-layer benchmark's synthetic engine drives the real server end to end: every
-call completes with all its tokens, and a stream interval cuts the messages."""
+call completes with all its tokens, and a stream interval cuts the messages. The load
+generator split over client processes sends every request once."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import multiprocessing
 
-from benchmarks.serving import _load, summarize
+from benchmarks.serving import _load, run_load_split, summarize
 from benchmarks.serving_layer import SyntheticEngine
 from serving.generated import engine_pb2 as pb
 from serving.server import BackgroundServer, ServeOptions
 
 
-def _serve(interval: int) -> dict:
+def _serve(interval: int, client_processes: int = 0) -> dict:
     import asyncio
 
     engine = SyntheticEngine(0.002, running=8, output_len=12, stream_interval=interval)
@@ -19,7 +22,12 @@ def _serve(interval: int) -> dict:
     try:
         reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling_params=pb.SamplingParams(max_tokens=12))
                 .SerializeToString() for _ in range(20)]
-        records, duration = asyncio.run(_load(server.address, reqs, math.inf, None, 0, None, 2))
+        if client_processes:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(client_processes, mp_context=ctx) as pool:
+                records, duration = run_load_split(pool, client_processes, server.address, reqs, 200.0, 4, 0, None, 1)
+        else:
+            records, duration = asyncio.run(_load(server.address, reqs, math.inf, None, 0, None, 2))
     finally:
         server.close()
         engine.shutdown()
@@ -31,3 +39,9 @@ def test_synthetic_engine_through_the_real_server():
     for s in (one, four):
         assert s["completed"] == 20 and s["failed"] == 0 and s["total_output_tokens"] == 20 * 12
     assert four["tokens_per_message"] >= 3  # at least 4 per message but the first and last: 1 + 4 + 4 + 3
+
+
+def test_load_split_over_client_processes():
+    s = _serve(1, client_processes=2)
+    assert s["completed"] == 20 and s["failed"] == 0 and s["total_output_tokens"] == 20 * 12
+    assert s["duration_s"] >= 20 / 200.0 * 0.5  # Poisson arrivals at 200/s in all: not all at once
