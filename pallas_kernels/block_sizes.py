@@ -55,6 +55,12 @@ _TUNED: dict[str, dict[tuple[str, int], tuple[int, int, int, int, bool]]] = {
     "NVIDIA H200": {},
 }
 
+# Shared memory one program may use (bytes; Triton's limit on that device). float32 inputs
+# double the tiles of the bf16-tuned table: an H200 refused 320 KiB for a float32 prefill
+# tile (benchmarks/RESULTS.md), so the KV tile shrinks until a launch fits.
+_SMEM_BYTES = {"NVIDIA H100 80GB HBM3": 232448, "NVIDIA H200": 232448}
+_DEFAULT_SMEM_BYTES = 163840  # an A100's; later GPUs have more
+
 # Programs to aim for when splitting the KV range of decode blocks: ~2 waves on an H100.
 _TARGET_PROGRAMS = {"NVIDIA H100 80GB HBM3": 2 * 132, "NVIDIA H200": 2 * 132}
 _DEFAULT_TARGET_PROGRAMS = 256
@@ -65,6 +71,12 @@ def _device_kind() -> str:
         return jax.devices()[0].device_kind
     except Exception:  # pragma: no cover - no backend at all
         return "unknown"
+
+
+def smem_bytes(kv_tokens: int, q_rows: int, head_dim: int, itemsize: int, num_stages: int) -> int:
+    """Shared memory of one launch: `num_stages` buffered K and V tiles and the Q tile (the
+    H200's refusal quoted exactly this: 2 * 2 * 128 * 128 * 4 + 128 * 128 * 4 bytes)."""
+    return (num_stages * 2 * kv_tokens + max(16, q_rows)) * head_dim * itemsize
 
 
 def shape_class(num_tokens: int, num_seqs: int) -> str:
@@ -80,9 +92,11 @@ def default_block_sizes(
     head_dim: int,
     page_size: int,
     pages_per_seq: int,
+    itemsize: int = 2,
     device_kind: str | None = None,
 ) -> BlockSizes:
-    """Block sizes for these static shapes on this device (kind defaults to device 0's)."""
+    """Block sizes for these static shapes on this device (kind defaults to device 0's);
+    `itemsize`: bytes per element of q and the KV cache (2 for bf16/fp16, 4 for fp32)."""
     kind = _device_kind() if device_kind is None else device_kind
     cls = shape_class(num_tokens, max_num_seqs)
     dclass = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
@@ -90,6 +104,9 @@ def default_block_sizes(
     kv_tokens, q_rows, num_warps, num_stages, unmasked = table[(cls, dclass)]
 
     group = num_q_heads // num_kv_heads
+    budget = _SMEM_BYTES.get(kind, _DEFAULT_SMEM_BYTES)
+    while kv_tokens > 16 and smem_bytes(kv_tokens, q_rows, head_dim, itemsize, num_stages) > budget:
+        kv_tokens //= 2
     block_q = max(1, q_rows // group)
     pages_per_block = max(1, kv_tokens // page_size)
     pages_per_block = min(pages_per_block, 1 << max(0, (pages_per_seq - 1).bit_length()))

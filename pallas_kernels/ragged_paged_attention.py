@@ -354,6 +354,7 @@ def ragged_paged_attention(
         head_dim=d,
         page_size=page_size,
         pages_per_seq=p,
+        itemsize=max(q.dtype.itemsize, kv_cache.dtype.itemsize),
     )
     block_q = dflt.block_q if block_q is None else block_q
     pages_per_block = dflt.pages_per_block if pages_per_block is None else pages_per_block

@@ -145,3 +145,22 @@ def test_gpu_kernel_matches_reference(batch, dtype):
     case = make_case(q_lens, kv_lens, num_q_heads=32, num_kv_heads=8, head_dim=128,
                      dtype=dtype, pad_tokens=5, pad_seqs=2, seed=11)
     check(case, dtype=dtype, interpret=False)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "unknown"])
+@pytest.mark.parametrize("num_tokens,head_dim", [(8192, 128), (256, 128), (8192, 256), (8192, 64)])
+def test_default_blocks_fit_shared_memory_in_every_dtype(kind, num_tokens, head_dim):
+    # float32 doubles the bf16-tuned tiles: an H200 refused a 320 KiB float32 prefill launch.
+    from pallas_kernels.block_sizes import _DEFAULT_SMEM_BYTES, _SMEM_BYTES, default_block_sizes, smem_bytes
+
+    shape = dict(num_tokens=num_tokens, max_num_seqs=256, num_q_heads=32, num_kv_heads=8, head_dim=head_dim,
+                 page_size=16, pages_per_seq=128, device_kind=kind)
+    bf16 = default_block_sizes(**shape, itemsize=2)
+    f32 = default_block_sizes(**shape, itemsize=4)
+    q_rows = max(16, bf16.block_q * 4)
+    for bs, itemsize in ((bf16, 2), (f32, 4)):
+        need = smem_bytes(bs.pages_per_block * 16, q_rows, head_dim, itemsize, bs.num_stages)
+        assert need <= _SMEM_BYTES.get(kind, _DEFAULT_SMEM_BYTES), (bs, itemsize)
+    assert f32.pages_per_block <= bf16.pages_per_block
+    if kind == "NVIDIA H200" and num_tokens == 8192 and head_dim == 128:
+        assert (bf16.pages_per_block, f32.pages_per_block) == (8, 4)  # 128 keys/step bf16, 64 in float32
