@@ -117,12 +117,16 @@ class EngineClient(StreamingEngine):
         fut.add_done_callback(lambda f: f.cancelled() and self.abort(rid))
         return fut
 
-    def abort(self, request_id: str) -> None:
+    def _send_if_alive(self, msg: tuple) -> None:
+        """Send a message nobody waits on a reply to; nothing if the child is gone."""
         if not self._dead:
             try:
-                self._send(("abort", request_id))
+                self._send(msg)
             except OSError:
                 pass
+
+    def abort(self, request_id: str) -> None:
+        self._send_if_alive(("abort", request_id))
 
     def call(self, fn, *args) -> concurrent.futures.Future:
         return self._request(lambda cid: ("call", cid, fn, args))
@@ -130,11 +134,7 @@ class EngineClient(StreamingEngine):
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Leave the engine (which aborts what this connection still runs); it goes on for
         its other clients. `EngineProcess.shutdown` stops it."""
-        if not self._dead:
-            try:
-                self._send(("leave",))  # answered with "left", which ends the reader
-            except OSError:
-                pass
+        self._send_if_alive(("leave",))  # answered with "left", which ends the reader
         self._reader.join(timeout)
         self._conn.close()
 
@@ -190,11 +190,7 @@ class EngineProcess(EngineClient):
             raise RuntimeError(f"{e} (exit code {self._process.exitcode})") from None
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
-        if not self._dead:
-            try:
-                self._send(("stop",))
-            except OSError:
-                pass
+        self._send_if_alive(("stop",))
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.terminate()
@@ -371,12 +367,6 @@ class _Clients:
 
     def outputs(self, records: list[OutputRecord]) -> None:
         owner = self.owner
-        if len(self.senders) == 1:
-            for rec in records:
-                if rec[3]:
-                    owner.pop(rec[0], None)
-            self.senders[0].outputs(records)
-            return
         by_client: dict[int, list[OutputRecord]] = {}
         for rec in records:
             i = owner.pop(rec[0], None) if rec[3] else owner.get(rec[0])

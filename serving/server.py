@@ -200,14 +200,14 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
           file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    frontends: list = []  # the FrontendProcesses, once started
+    frontends = None  # the FrontendProcesses, once started
 
     def on_signal(signame: str):
         if stop.is_set():
             print(f"jaxengine: {signame} again: aborting in-flight requests now", file=sys.stderr, flush=True)
             server.skip_drain_wait()
-        for f in frontends:
-            f.terminate()  # they drain (or, the second time, abort) their own calls
+        if frontends is not None:
+            frontends.terminate()  # they drain (or, the second time, abort) their own calls
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -230,16 +230,15 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
             from serving.frontends import FrontendProcesses
 
             try:
-                started = await asyncio.to_thread(FrontendProcesses, dataclasses.replace(options, port=port),
-                                                  engine.client_connections)
+                frontends = await asyncio.to_thread(FrontendProcesses, dataclasses.replace(options, port=port),
+                                                    engine.client_connections)
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 await server.drain(0)
                 return 1
-            frontends.append(started)
-            server.metrics.add_source(started.metrics)
+            server.metrics.add_source(frontends.metrics)
             if stop.is_set():
-                started.terminate()
+                frontends.terminate()
         await server.set_engine(engine)
         extra = f", metrics on http://{options.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
         extra += f", {api_server_count} front-end processes" if api_server_count > 1 else ""
@@ -247,9 +246,9 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
               flush=True)
         await stopper
         print(f"jaxengine: draining (up to {options.drain_timeout:g}s for in-flight requests)", file=sys.stderr, flush=True)
-        aborted = await server.drain(shutdown_engine=not frontends)
-        for f in frontends:
-            codes = await asyncio.to_thread(f.join, options.drain_timeout + 30)
+        aborted = await server.drain(shutdown_engine=frontends is None)
+        if frontends is not None:
+            codes = await asyncio.to_thread(frontends.join, options.drain_timeout + 30)
             if any(codes):
                 print(f"jaxengine: front-end exit codes {codes}", file=sys.stderr, flush=True)
             await asyncio.to_thread(engine.shutdown)
