@@ -1,8 +1,11 @@
-"""Host cost of a step's outputs: Engine._process (tokens -> OutputRecords) and the engine
-process's hand-off to its pipe (_Sender.outputs: prompt ids stripped, pickled), per step of
-256 running requests, as CPU time of the engine's thread (so the CPU "device" computing
-alongside on a small VM does not blur it). DELTA is what streaming and the gRPC service ask
-for on every step; FINAL_ONLY is what offline generation asks for.
+"""Host cost of a step's outputs, per step of 256 running requests, as CPU time of the
+engine's thread (so the CPU "device" computing alongside on a small VM does not blur it):
+- core: EngineCore._outputs (the step's token ids -> CoreOutputs), on the step loop always;
+- to the pipe: _Sender.outputs (pickling CoreOutputs), on an engine process's step loop;
+- processor: OutputProcessor.process (CoreOutputs -> OutputRecords), on the step loop of an
+  in-process Engine, in the front-end processes of an engine process.
+DELTA is what streaming and the gRPC service ask for on every step; FINAL_ONLY is what
+offline generation asks for.
 
     python benchmarks/step_outputs.py [--kind DELTA|FINAL_ONLY] [--requests 256]
 """
@@ -39,32 +42,37 @@ def main() -> None:
     args = ap.parse_args()
     engine = Engine(EngineConfig.from_kwargs("tiny-llama", dtype="float32", max_model_len=512, max_num_seqs=args.requests,
                                              max_num_batched_tokens=4096, num_kv_blocks=4096), progress=False)
-    sender, spent = _Sender(_NullConn()), {"outputs": 0.0, "steps": 0}
-    process = engine._process
+    sender = _Sender(_NullConn())
+    spent = {"core": 0.0, "processor": 0.0}
 
-    def timed(done):
-        t = time.thread_time()
-        records = process(done)
-        spent["outputs"] += time.thread_time() - t
-        spent["steps"] += 1
-        return records
+    def timed(name, fn):
+        def run(*args):
+            t = time.thread_time()
+            result = fn(*args)
+            spent[name] += time.thread_time() - t
+            return result
+        return run
 
-    engine._process = timed
+    engine._outputs = timed("core", engine._outputs)
+    engine.processor.process = timed("processor", engine.processor.process)
     rng = np.random.default_rng(0)
     for rep in range(args.repeats):
         for i in range(args.requests):
             engine.add_request(rng.integers(0, 500, 64).tolist(), SamplingParams(max_tokens=64, ignore_eos=True, temperature=0),
                                request_id=f"r{rep}-{i}", output_kind=OutputKind[args.kind])
-        spent.update(outputs=0.0, steps=0)
-        to_pipe = 0.0
+        spent.update(core=0.0, processor=0.0)
+        to_pipe, n = 0.0, 0
         while engine.has_unfinished_requests():
-            records = engine.step_records()
+            out = engine.step_core()
             t = time.thread_time()
-            sender.outputs(records)
+            sender.outputs(out)
             to_pipe += time.thread_time() - t
-        n = spent["steps"]
-        print(f"{args.kind} x {args.requests}: outputs {1e3 * spent['outputs'] / n:.3f} ms/step, "
-              f"to the pipe {1e3 * to_pipe / n:.3f} ms/step ({n} steps)")
+            records, stops = engine.processor.process(out)
+            assert not stops
+            n += 1
+        print(f"{args.kind} x {args.requests}: core {1e3 * spent['core'] / n:.3f} ms/step, "
+              f"to the pipe {1e3 * to_pipe / n:.3f} ms/step, processor {1e3 * spent['processor'] / n:.3f} ms/step "
+              f"({n} steps)")
     sender.close()
 
 

@@ -43,13 +43,12 @@ class _Stream:
     With `interval` > 1, `get` also waits until that many new tokens are there (the first
     output and the last go at once): vLLM's stream_interval."""
 
-    __slots__ = ("kind", "items", "ready", "prompt", "interval", "new_tokens", "closed", "started")
+    __slots__ = ("kind", "items", "ready", "interval", "new_tokens", "closed", "started")
 
     def __init__(self, kind: OutputKind, interval: int = 1):
         self.kind = kind
         self.items: collections.deque = collections.deque()  # OutputRecords, then maybe an error
         self.ready = asyncio.Event()
-        self.prompt: tuple | None = None  # (text, token ids): records after a request's first may omit them
         self.interval = interval
         self.new_tokens = 0  # arrived since the last get
         self.closed = False  # the last item (finished output or error) has arrived
@@ -83,11 +82,7 @@ class _Stream:
 
 def combine_records(stream: _Stream, run: list[OutputRecord]) -> RequestOutput:
     """The OutputRecords a stream received since it was last read, as one RequestOutput
-    (DELTA records merged before anything is built; otherwise the newest). EngineProcess
-    sends a request's prompt and prompt ids once, in its first record; the stream keeps them."""
-    for rec in run:
-        if rec[2] is not None:
-            stream.prompt = (rec[1], rec[2])
+    (DELTA records merged before anything is built; otherwise the newest)."""
     last = run[-1]
     if stream.kind is OutputKind.DELTA and len(run) > 1:
         merged: dict[int, list] = {}
@@ -104,8 +99,7 @@ def combine_records(stream: _Stream, run: list[OutputRecord]) -> RequestOutput:
                 m[3], m[5], m[6] = c[3], c[5], c[6]
         prompt_logprobs = next((r[7] for r in reversed(run) if r[7] is not None), None)
         last = last[:6] + [list(merged.values()), prompt_logprobs]
-    text, ids = stream.prompt or (None, [])
-    return RequestOutput.from_record([last[0], text, ids] + last[3:])
+    return RequestOutput.from_record(last)
 
 
 def _deliver(batch: list[tuple[_Stream, Any, int, bool]]) -> None:

@@ -3,8 +3,9 @@
 The [dp, tp] mesh (models.sharding.make_mesh) is cut into its dp rows; each row runs a full
 `Engine` (its own copy of the weights split over that row's tp devices, its own scheduler,
 KV pool and prefix cache). `DataParallelEngine` has the Engine interface the front ends use
-(`add_request`, `abort_request`, `step`, `has_unfinished_requests`, `stats`, `tokenizer`),
-hands each new request to the next replica round-robin, and steps every busy replica in
+(`add_request`, `abort_request`, `step`, `has_unfinished_requests`, `stats`, `tokenizer`,
+and the EngineCore calls an engine process makes: `add_core_request`, `stop_requests`,
+`step_core`), hands each new request to the next replica round-robin, and steps every busy replica in
 turn. A replica's step only dispatches its device work and collects the previous step's
 tokens, so while the host serves one replica the others' devices run: the replicas overlap
 without threads. Requests never move between replicas (no cross-replica prefix sharing).
@@ -21,6 +22,7 @@ from typing import Any
 
 from jaxengine.config import EngineConfig
 from jaxengine.engine import Engine
+from jaxengine.engine_core import CoreOutputs
 from jaxengine.kv_capacity import claim_device_memory
 from jaxengine.outputs import OutputKind, OutputRecord, RequestOutput
 from jaxengine.sampling_params import SamplingParams
@@ -70,6 +72,28 @@ class DataParallelEngine:
         self.replicas[i].add_request(prompt, params, request_id=request_id, output_kind=output_kind, **kwargs)
         self._owner[request_id] = i
         return request_id
+
+    def add_core_request(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str,
+                         **kwargs: Any) -> list[str]:
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        i = next(self._next)
+        samples = self.replicas[i].add_core_request(prompt_token_ids, params, request_id=request_id, **kwargs)
+        self._owner[request_id] = i
+        return samples
+
+    def stop_requests(self, stops: list[tuple[str, str]]) -> None:
+        for engine in self.replicas:  # a sample id another replica does not know is ignored there
+            engine.stop_requests(stops)
+
+    def step_core(self) -> CoreOutputs:
+        out = CoreOutputs()
+        for engine in self.replicas:
+            if engine.has_unfinished_requests():
+                out.extend(engine.step_core())
+        for rid in out.done:
+            self._owner.pop(rid, None)
+        return out
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:

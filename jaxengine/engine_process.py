@@ -1,16 +1,19 @@
-"""EngineProcess: the engine loop in a child process, streams in this one.
+"""EngineProcess: the engine core in a child process; outputs and streams in this one.
 
 With `AsyncEngine` the gRPC event loop and the engine share one interpreter: while the loop
 turns a step's outputs into messages it holds the GIL the engine needs to schedule and
 dispatch the next step, and on a GPU whose 1B decode step takes ~5 ms the service then
-costs more than the model (benchmarks/RESULTS.md, Serving). Here the engine runs in a
-process of its own (as vLLM V1's engine core does) and talks to this one over a pipe:
+costs more than the model (benchmarks/RESULTS.md, Serving). Here the engine core runs in a
+process of its own and sends each step's new token ids (`CoreOutputs`); detokenizing, stop
+strings and building outputs run in the connected processes (`OutputProcessor`), as vLLM
+V1 splits its engine core from its API servers. Over a pipe:
 
-    parent -> child   ("add", call_id, (prompt, params, rid, kind, priority))
-                      ("abort", rid) | ("call", call_id, fn, args) | ("leave",) | ("stop",)
+    parent -> child   ("add", call_id, (prompt_token_ids, params, rid, priority, arrival_time))
+                      ("abort", rid) | ("stop_strings", [(sample id, stop), ...])
+                      ("call", call_id, fn, args) | ("leave",) | ("stop",)
     child -> parent   ("ready", EngineInfo) | ("failed", message)      once, at start
                       ("reply", call_id, ok, value)                    per add / call
-                      ("outputs", [OutputRecord, ...])                 per step
+                      ("outputs", CoreOutputs)                         per step
                       ("step_failed", [rid, ...], message)
                       ("left",)                                        after "leave"
 
@@ -18,7 +21,8 @@ The child can serve several such connections (`num_clients`): one per gRPC front
 process (`jaxengine serve --api-server-count N`, vLLM's API-server scale-out). Each
 connection's requests and outputs are its own; `EngineClient` is one connection's end, and
 `EngineProcess` (connection 0) also owns the child. A client that goes away has its
-requests aborted; "stop" is connection 0's alone.
+requests aborted; "stop" is connection 0's alone. Text prompts are tokenized by the client
+(with the tokenizer in EngineInfo).
 
 `call(fn, *args)` runs `fn(engine, *args)` in the child, so `fn` must be picklable (a
 module-level function). The child is started with "spawn": a script that creates an
@@ -38,11 +42,15 @@ import multiprocessing.connection
 import pickle
 import queue
 import threading
+import time
 from typing import Any
 
 from jaxengine.async_engine import EngineDeadError, StreamingEngine
 from jaxengine.config import EngineConfig
-from jaxengine.outputs import OutputKind, OutputRecord
+from jaxengine.engine_core import CoreOutputs
+from jaxengine.output_processor import OutputProcessor
+from jaxengine.outputs import OutputKind
+from jaxengine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ class EngineInfo:
     dtype: Any
     kv_dtype: Any
     num_blocks: int
-    tokenizer: Any  # a copy, for `is None` and its chat template; tokenizing runs in the child
+    tokenizer: Any  # a copy: clients tokenize text prompts and detokenize outputs with it
 
     @classmethod
     def of(cls, engine) -> "EngineInfo":
@@ -83,6 +91,8 @@ class EngineClient(StreamingEngine):
         self._send_lock = threading.Lock()
         self._calls = itertools.count()
         self._pending: dict[int, concurrent.futures.Future] = {}
+        self._adding: dict[int, tuple] = {}  # call id of an "add" -> the request, for the processor
+        self.processor = OutputProcessor(self.engine.tokenizer)  # used on the reader thread only
         self._dead = False
         self._reader = threading.Thread(target=self._read, name="jaxengine-engine-reader", daemon=True)
         self._reader.start()
@@ -104,15 +114,33 @@ class EngineClient(StreamingEngine):
             self._send(make_msg(cid))
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             self._pending.pop(cid, None)
+            self._adding.pop(cid, None)
             fut.set_exception(TypeError(f"cannot send this to the engine process (use a module-level function "
                                         f"and picklable arguments): {e}"))
         except OSError as e:
             self._pending.pop(cid, None)
+            self._adding.pop(cid, None)
             fut.set_exception(EngineDeadError(f"the engine process is gone: {e}"))
         return fut
 
     def _submit(self, prompt, params, rid: str, kind: OutputKind, priority: int) -> concurrent.futures.Future:
-        fut = self._request(lambda cid: ("add", cid, (prompt, params, rid, kind, priority)))
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            tokenizer = self.engine.tokenizer
+            if tokenizer is None:
+                fut: concurrent.futures.Future = concurrent.futures.Future()
+                fut.set_exception(ValueError("this model has no tokenizer: pass prompt_token_ids instead of text"))
+                return fut
+            text, ids = prompt, tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt or [])
+        arrival = time.monotonic()
+
+        def message(cid: int) -> tuple:
+            self._adding[cid] = (rid, text, ids, params, kind, arrival)  # the reader adds it on "reply"
+            return ("add", cid, (ids, params, rid, priority, arrival))
+
+        fut = self._request(message)
         # The child adds it even if the caller gives up first: abort it (the add is ahead in the pipe).
         fut.add_done_callback(lambda f: f.cancelled() and self.abort(rid))
         return fut
@@ -149,15 +177,22 @@ class EngineClient(StreamingEngine):
             kind = msg[0]
             if kind == "left":
                 break
-            if kind == "outputs":  # built into RequestOutputs only when a stream is read
-                self._send_records(msg[1])
+            if kind == "outputs":
+                records, stops = self.processor.process(msg[1])
+                if stops:
+                    self._send_if_alive(("stop_strings", stops))
+                self._send_records(records)
             elif kind == "reply":
                 _, cid, ok, value = msg
+                adding = self._adding.pop(cid, None)
+                if ok and adding is not None:
+                    self.processor.add(*adding)
                 fut = self._pending.pop(cid, None)
                 if fut is not None and fut.set_running_or_notify_cancel():
                     fut.set_result(value) if ok else fut.set_exception(value)
             elif kind == "step_failed":
                 _, rids, message = msg
+                self.processor.remove(rids)
                 self._send_all([(rid, EngineDeadError(f"engine step failed: {message}"), 0, True) for rid in rids])
         self._dead = True
         for fut in list(self._pending.values()):
@@ -211,32 +246,22 @@ def _picklable_error(e: BaseException) -> BaseException:
 
 
 class _Sender:
-    """The child's messages to the parent. A step's OutputRecords are pickled on the
+    """The child's messages to one connection. A step's CoreOutputs are pickled on the
     engine's thread (fast, and no second thread holding the GIL inside pickle.dumps when
-    the engine wants it back); a thread of their own writes them, so a parent that is slow
+    the engine wants it back); a thread of their own writes them, so a client that is slow
     to read never stalls a step on a full pipe."""
 
     def __init__(self, conn):
         self._conn = conn
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._prompt_sent: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="jaxengine-sender", daemon=True)
         self._thread.start()
 
     def send(self, msg: tuple) -> None:
         self._queue.put(msg)
 
-    def outputs(self, records: list[OutputRecord]) -> None:
-        sent = self._prompt_sent
-        for rec in records:
-            rid = rec[0]
-            if rid in sent:
-                rec[1] = rec[2] = None  # the parent's stream has them
-            if rec[3]:  # finished
-                sent.discard(rid)
-            else:
-                sent.add(rid)
-        self._queue.put(pickle.dumps(("outputs", records), protocol=pickle.HIGHEST_PROTOCOL))
+    def outputs(self, out: CoreOutputs) -> None:
+        self._queue.put(pickle.dumps(("outputs", out), protocol=pickle.HIGHEST_PROTOCOL))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -282,13 +307,13 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
             if not engine.has_unfinished_requests():
                 continue
             try:
-                records = engine.step_records()
+                out = engine.step_core()
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                 log.exception("engine step failed")
                 clients.fail_all(repr(e))
                 continue
-            if records:
-                clients.outputs(records)
+            if out:
+                clients.outputs(out)
     except (EOFError, OSError):  # the parent is gone
         pass
     finally:
@@ -306,7 +331,8 @@ class _Clients:
         self.engine = engine
         self.conns = dict(enumerate(conns))  # still connected
         self.senders = [_Sender(c) for c in conns]
-        self.owner: dict[str, int] = {}  # requests added and not yet finished -> their connection
+        # Requests (ids as added, and their samples' ids) not yet finished -> their connection.
+        self.owner: dict[str, int] = {}
 
     def handle_commands(self) -> bool:
         """Run every command waiting (block briefly when the engine is idle); True on stop."""
@@ -334,7 +360,7 @@ class _Clients:
         if kind == "stop" and i == 0:
             if self.owner:
                 engine.abort_request(sorted(self.owner))
-                engine.step_records()
+                engine.step_core()
             return True
         if kind == "leave":
             self._client_gone(i)
@@ -344,12 +370,17 @@ class _Clients:
             if self.owner.get(msg[1]) == i:
                 engine.abort_request(msg[1])
             return False
+        if kind == "stop_strings":
+            engine.stop_requests([(sid, stop) for sid, stop in msg[1] if self.owner.get(sid) == i])
+            return False
         cid = msg[1]
         try:
             if kind == "add":
-                prompt, params, rid, out_kind, prio = msg[2]
-                value = engine.add_request(prompt, params, request_id=rid, output_kind=out_kind, priority=prio)
-                self.owner[value] = i
+                ids, params, rid, prio, arrival = msg[2]
+                samples = engine.add_core_request(ids, params, request_id=rid, priority=prio, arrival_time=arrival)
+                for r in (rid, *samples):
+                    self.owner[r] = i
+                value = rid
             else:  # "call"
                 value = msg[2](engine, *msg[3])
             self.senders[i].send(("reply", cid, True, value))
@@ -365,20 +396,18 @@ class _Clients:
             self.engine.abort_request(rids)  # their final outputs go nowhere
             log.warning("engine client %d left; aborted its %d requests", i, len(rids))
 
-    def outputs(self, records: list[OutputRecord]) -> None:
-        owner = self.owner
-        by_client: dict[int, list[OutputRecord]] = {}
-        for rec in records:
-            i = owner.pop(rec[0], None) if rec[3] else owner.get(rec[0])
-            if i is not None and i in self.conns:
-                by_client.setdefault(i, []).append(rec)
-        for i, recs in by_client.items():
-            self.senders[i].outputs(recs)
+    def outputs(self, out: CoreOutputs) -> None:
+        parts = {0: out} if len(self.senders) == 1 else out.split(self.owner)
+        for rid in (*out.finished, *out.done):
+            self.owner.pop(rid, None)
+        for i, part in parts.items():
+            if i in self.conns:
+                self.senders[i].outputs(part)
 
     def fail_all(self, message: str) -> None:
         rids = sorted(self.owner)
         self.engine.abort_request(rids)
-        self.engine.step_records()
+        self.engine.step_core()
         for i in self.conns:
             mine = [r for r in rids if self.owner[r] == i]
             if mine:

@@ -36,6 +36,11 @@ _FINISH_REASONS = {
 }
 
 
+def sample_request_ids(request_id: str, n: int) -> list[str]:
+    """The ids of a request's samples: its own when n == 1, else "<id>-<i>" (`Request.fan_out`)."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
 class Request:
     """One sequence. Tokens only ever get appended, so block hashes computed once stay valid.
 
@@ -145,12 +150,12 @@ class Request:
         """
         params = self.sampling_params
         children = []
-        for i in range(params.n):
+        for i, child_id in enumerate(sample_request_ids(self.request_id, params.n)):
             seed = None if params.seed is None else (params.seed + i) % 2**64
             child_params = dataclasses.replace(params, n=1, seed=seed)
             children.append(
                 Request(
-                    f"{self.request_id}-{i}",
+                    child_id,
                     self.prompt_token_ids,
                     child_params,
                     arrival_time=self.arrival_time,

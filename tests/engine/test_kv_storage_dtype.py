@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-import jaxengine.engine
+import jaxengine.engine_core
 from jaxengine import LLM, SamplingParams
 
 ARGS = dict(dtype="bfloat16", max_model_len=64, num_kv_blocks=64, block_size=8, max_num_seqs=4,
@@ -23,7 +23,7 @@ def test_float32_storage_gives_the_bf16_cache_outputs(monkeypatch):
     assert llm.engine.dtype == jnp.bfloat16 and llm.engine.kv_dtype == jnp.float32
     assert llm.engine.runner.kv_caches[0].dtype == jnp.float32
     got = _run(llm)
-    monkeypatch.setattr(jaxengine.engine, "kv_storage_dtype", jnp.dtype)  # the bf16 cache, as before
+    monkeypatch.setattr(jaxengine.engine_core, "kv_storage_dtype", jnp.dtype)  # the bf16 cache, as before
     ref = LLM("tiny-llama", **ARGS)
     assert ref.engine.runner.kv_caches[0].dtype == jnp.bfloat16
     assert _run(ref) == got

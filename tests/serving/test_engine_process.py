@@ -193,3 +193,35 @@ def test_stream_interval_across_the_process(engine_process, tiny_model):
     from tests.serving.test_async_engine import check_stream_interval
 
     check_stream_interval(engine_process, tiny_model)
+
+
+def _steps(engine) -> int:
+    return engine.timing["steps"]
+
+
+def test_stop_string_matched_in_the_client_stops_the_engine(engine_process, tiny_model):
+    """The engine process sends token ids only; the client's OutputProcessor detokenizes,
+    matches the stop string and has the engine stop the request: the same text, tokens and
+    stop reason as offline, and the engine stops within a step or two of the match instead
+    of running on to max_tokens. Prompt logprobs cross the process too."""
+    greedy = jaxengine.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    text = jaxengine.generate(PROMPTS[0], greedy, model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0].text
+    assert len(text) > 12
+    stop = text[8:11]
+    params = jaxengine.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, stop=[stop], prompt_logprobs=1)
+    want = jaxengine.generate(PROMPTS[0], params, model=str(tiny_model), **ENGINE_ARGS)[0]
+    assert want.outputs[0].finish_reason == "stop" and want.outputs[0].stop_reason == stop
+    before = engine_process.call(_steps).result(timeout=10)
+    tokens, got_text, outs = asyncio.run(_tokens(engine_process, PROMPTS[0], params))
+    stats = wait_idle(engine_process)
+    steps = engine_process.call(_steps).result(timeout=10) - before
+    assert tokens == want.outputs[0].token_ids and got_text == want.outputs[0].text
+    last = outs[-1].outputs[0]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    assert steps <= len(tokens) + 3 < 100, steps
+    assert stats["used_blocks"] == 0 and not stats["unfinished"]
+    got_lp, want_lp = outs[-1].prompt_logprobs, want.prompt_logprobs
+    assert got_lp[0] is None and len(got_lp) == len(want_lp) == len(want.prompt_token_ids)
+    for g, w in zip(got_lp[1:], want_lp[1:]):
+        assert g.keys() == w.keys()
+        assert [v.logprob for v in g.values()] == pytest.approx([v.logprob for v in w.values()], abs=1e-4)
