@@ -53,17 +53,13 @@ def replay_device_seconds(engine, recorded) -> float:
     nothing for the host to do in between (their KV writes go to the same slots again).
     1 - this / the run's wall time is the fraction of the run the device sat idle."""
     import jax
-    import jax.numpy as jnp
 
     runner = engine.runner
-    prev = {}
     out = None
     jax.block_until_ready(runner.kv_caches)
     t0 = time.perf_counter()
-    for inputs, prev_shape in recorded:
-        if prev_shape is not None and prev_shape not in prev:
-            prev[prev_shape] = jnp.zeros(prev_shape, jnp.int32)
-        out = runner.execute(inputs, None if prev_shape is None else prev[prev_shape])
+    for inputs, had_prev in recorded:
+        out = runner.execute(inputs, runner.no_prev_tokens if had_prev else None)
     jax.block_until_ready((out, runner.kv_caches))
     return time.perf_counter() - t0
 
@@ -112,7 +108,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         recorded = []
 
         def recording(inputs, prev=None):
-            recorded.append((inputs, None if prev is None else tuple(prev.shape)))
+            recorded.append((inputs, prev is not None))
             return execute(inputs, prev) if prev is not None else execute(inputs)
 
         engine._execute = recording

@@ -6,6 +6,11 @@ state: the flat token count T is padded up to a power of two (>= 16) and the seq
 S to one of a few sizes. The forward is compiled per (T, S) bucket; the sampler per S bucket
 and per variant (top-k/top-p sort, penalties, logprobs, logit-bias width), the common ones at
 start-up, the rest when first used.
+
+A step is two jitted calls, each given its host arrays as ONE packed int32 buffer
+(jaxengine.packing): the forward (the previous step's sampled tokens merged in, model, KV
+write) and the sampler. The sampler stays a call of its own so that its variants do not
+multiply the forward's compiled programs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import pallas_kernels
+from jaxengine.packing import Layout, pack, unpack
 from jaxengine.sampler import SamplerOutput, SamplingTensors, compute_logprobs, sample, seed_to_words
 from jaxengine.sampling_params import MAX_LOGPROBS
 from jaxengine.scheduler import ScheduledRequest, SchedulerOutput
@@ -70,9 +76,12 @@ class PromptLogprobs:
 class _RequestRow:
     """What the runner keeps per running request between steps."""
 
-    table: np.ndarray  # [max_pages] int32, the block table so far
-    num_blocks: int
-    sampling: tuple[float, ...]  # see _static_sampling
+    slot: int  # its row of ModelRunner._tables and ._static (0 is the padding row)
+    num_blocks: int  # how much of its block table is written there
+
+
+# _static_sampling of a padding row: greedy, every filter and penalty off.
+_NEUTRAL_SAMPLING = (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0)
 
 
 def _static_sampling(req, seed: int) -> tuple[float, ...]:
@@ -83,12 +92,25 @@ def _static_sampling(req, seed: int) -> tuple[float, ...]:
             p.presence_penalty, p.frequency_penalty, hi, lo)
 
 
-def _merge_tokens(
-    tokens: jax.Array,  # [T] int32, host-known tokens (0 where pending)
-    src: jax.Array,  # [T] int32, row in prev_token_ids, or -1
-    prev_token_ids: jax.Array,  # [S_prev] int32, the previous step's sampled tokens
-) -> jax.Array:  # [T]
-    return jnp.where(src >= 0, prev_token_ids[jnp.maximum(src, 0)], tokens)
+_META_FIELDS = [f.name for f in dataclasses.fields(AttentionMetadata)]
+_SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingTensors)]
+
+
+def _step_arrays(inputs: StepInputs) -> list[np.ndarray]:
+    """The forward's host arrays, in `_unpack_step`'s order."""
+    src = inputs.token_src if inputs.token_src is not None else np.full(inputs.tokens.shape, -1, np.int32)
+    return [inputs.tokens, src, *(getattr(inputs.meta, f) for f in _META_FIELDS)]
+
+
+def _unpack_step(
+    buf: jax.Array,  # [N] int32, pack(_step_arrays(inputs))
+    layout: Layout,
+    prev_token_ids: jax.Array,  # [S_max] int32, the previous step's sampled tokens
+) -> tuple[jax.Array, AttentionMetadata]:  # tokens [T], metadata
+    tokens, src, *meta = unpack(buf, layout)
+    # Async scheduling: tokens sampled by the step still running are taken from its output.
+    tokens = jnp.where(src >= 0, prev_token_ids[jnp.maximum(src, 0)], tokens)
+    return tokens, AttentionMetadata(**dict(zip(_META_FIELDS, meta)))
 
 
 class ModelRunner:
@@ -122,7 +144,12 @@ class ModelRunner:
             assert sharding_def == state_def, "parameter and sharding trees differ"
             self.state = [jax.device_put(x, s) for x, s in zip(self.state, shardings)]
         self.state_def = state_def
+        # Per running request, its block table and static sampling parameters live in a row
+        # of these (its slot), so a step gathers all of them with one indexing call each.
         self._rows: dict[str, _RequestRow] = {}
+        self._tables = np.zeros((max_num_seqs + 1, self.max_pages), np.int32)  # [slots, max_pages]
+        self._static = np.tile(np.array(_NEUTRAL_SAMPLING, np.float64), (max_num_seqs + 1, 1))  # [slots, 9]
+        self._free_slots = list(range(max_num_seqs, 0, -1))
         self.device = self.state[0].sharding if mesh is None else replicated(mesh)
         self.kv_dtype = kv_dtype
         self.kv_caches: list[jax.Array] = []
@@ -133,28 +160,40 @@ class ModelRunner:
         self.token_buckets = [b for b in (2**i for i in range(31)) if min(16, top) <= b <= top]
         self.seq_buckets = sorted({min(s, max_num_seqs) for s in (16, 64)} | {max_num_seqs})
         graphdef = self.graphdef
+        s_max = self.seq_buckets[-1]
 
-        def forward(state_leaves, kv_caches, tokens, meta):  # -> logits [S, V] f32, caches
+        def forward(state_leaves, kv_caches, buf, prev_token_ids, layout):  # -> logits [S, V] f32, caches
+            tokens, meta = _unpack_step(buf, layout, prev_token_ids)
             model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
             hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
-        def forward_prompt(state_leaves, kv_caches, tokens, meta, rows, targets):
+        def forward_prompt(state_leaves, kv_caches, buf, prev_token_ids, rows, targets, layout):
             """forward, plus logprobs of the next prompt token at `rows` (prompt_logprobs)."""
+            tokens, meta = _unpack_step(buf, layout, prev_token_ids)
             model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
             hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
             lp = compute_logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches, lp
 
+        def sample_packed(logits, buf, layout, **variant) -> SamplerOutput:
+            """sample(), its tensors from one packed buffer; token_ids padded to [S_max] so the
+            next step's forward takes them in one shape whatever this step's S bucket."""
+            out = sample(logits, SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(buf, layout)))), **variant)
+            return dataclasses.replace(out, token_ids=jnp.pad(out.token_ids, (0, s_max - out.token_ids.shape[0])))
+
         # With a mesh: logits gathered (replicated) for the sampler, caches kept split.
         kv_out = [kv_cache_sharding(mesh)] * cfg.num_layers if mesh is not None else None
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out)}
-        self._forward = jax.jit(forward, donate_argnums=(1,), **shardings)
+        self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames=("layout",), **shardings)
         # Compiled on first use (per T, S and row bucket): prompt logprobs are rare.
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out, self.device)}
-        self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), **shardings)
-        self._merge_tokens = jax.jit(_merge_tokens)
-        self._sample = jax.jit(sample, static_argnames=("num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"))
+        self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), static_argnames=("layout",), **shardings)
+        shardings = {} if mesh is None else {"out_shardings": self.device}
+        self._sample = jax.jit(sample_packed, static_argnames=(
+            "layout", "num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"), **shardings)
+        # The "previous step's tokens" of a step that has none: placed like the sampler's output.
+        self.no_prev_tokens = jax.device_put(np.zeros(s_max, np.int32), self.device)
 
     # ------------------------------------------------------------------ memory
 
@@ -175,8 +214,9 @@ class ModelRunner:
         compiled program (lowered over a 2-page cache: the kernel never materialises the
         context, so the pool size does not change the activations)."""
         t = self.token_buckets[-1]
-        args = self._forward_args(t, min(self.seq_buckets[-1], t))
-        analysis = self._forward.lower(self.state, self._abstract_kv_cache(2), *args).compile().memory_analysis()
+        buf, layout = self._forward_args(t, min(self.seq_buckets[-1], t))
+        analysis = self._forward.lower(self.state, self._abstract_kv_cache(2), buf, self.no_prev_tokens,
+                                       layout=layout).compile().memory_analysis()
         return 0 if analysis is None else int(analysis.temp_size_in_bytes)
 
     def _abstract_kv_cache(self, num_blocks: int) -> list[jax.ShapeDtypeStruct]:
@@ -186,15 +226,15 @@ class ModelRunner:
         return [jax.ShapeDtypeStruct((2, cfg.num_kv_heads, num_blocks, self.block_size, cfg.head_dim), self.kv_dtype,
                                      sharding=sharding)] * cfg.num_layers
 
-    def _forward_args(self, t: int, s: int) -> tuple[jax.Array, AttentionMetadata]:
-        """Placeholder tokens and metadata of a (T, S) bucket, placed as `execute` places them."""
+    def _forward_args(self, t: int, s: int) -> tuple[np.ndarray, Layout]:
+        """A placeholder step of a (T, S) bucket, packed as `execute` packs it."""
         meta = AttentionMetadata(
             positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
             kv_lens=np.zeros(s, np.int32), page_indices=np.zeros((s, self.max_pages), np.int32),
             cu_q_lens=np.zeros(s + 1, np.int32), num_seqs=np.zeros(1, np.int32),
             logits_indices=np.zeros(s, np.int32),
         )
-        return jax.device_put(np.zeros(t, np.int32), self.device), meta
+        return pack([np.zeros(t, np.int32), np.full(t, -1, np.int32), *(getattr(meta, f) for f in _META_FIELDS)])
 
     # ------------------------------------------------------------------ buckets
 
@@ -215,7 +255,8 @@ class ModelRunner:
         the row of each request in the step still running, whose sampled token (not yet on
         the host) is this step's input: the device takes it from there."""
         for rid in (*out.finished_req_ids, *out.preempted_req_ids):
-            self._rows.pop(rid, None)
+            if (row := self._rows.pop(rid, None)) is not None:
+                self._free_slots.append(row.slot)
         sched = out.scheduled
         num_seqs = len(sched)
         t_real = out.total_num_scheduled_tokens
@@ -228,15 +269,14 @@ class ModelRunner:
         slots: list[int] = []
         kv_lens: list[int] = []
         cu = [0]
-        table_rows = []
+        row_slots = np.zeros(s_pad, np.intp)  # padding rows read slot 0
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_slots: list[tuple[str, int]] = []
         pending: list[tuple[int, int]] = []  # (flat row, row in the previous step's output)
         for s in sched:
             n, start, table = s.num_tokens, s.start_position, s.block_ids
-            row = self._table_row(s, seeds)
-            table_rows.append(row.table)
+            row_slots[len(cu) - 1] = self._table_row(s, seeds).slot
             all_ids = s.request.all_token_ids
             if n == 1:  # a decode: the common case
                 if start < len(all_ids):
@@ -268,16 +308,14 @@ class ModelRunner:
 
         slot_arr = np.arange(t_pad, dtype=np.int32) % bs  # padding writes into the null page
         slot_arr[:t_real] = slots
-        tables = np.zeros((s_pad, self.max_pages), np.int32)
-        if table_rows:
-            tables[:num_seqs] = np.stack(table_rows)
+        tables = self._tables[row_slots]
         cu_arr = padded(cu, s_pad + 1, t_real)
         meta = AttentionMetadata(
             positions=padded(positions, t_pad, 0), slot_mapping=slot_arr, kv_lens=padded(kv_lens, s_pad, 0),
             page_indices=tables, cu_q_lens=cu_arr, num_seqs=np.array([num_seqs], np.int32),
             logits_indices=np.maximum(cu_arr[1:] - 1, 0),
         )
-        sampling, flags = self._sampling_tensors(sched, s_pad, seeds)
+        sampling, flags = self._sampling_tensors(sched, self._static[row_slots])
         inputs = StepInputs(padded(tokens, t_pad, 0), meta, sampling, *flags, num_seqs)
         if pending:
             src = np.full(t_pad, -1, np.int32)
@@ -292,31 +330,36 @@ class ModelRunner:
             )
         return inputs
 
-    def _table_row(self, s: ScheduledRequest, seeds: dict[str, int]) -> "_RequestRow":
+    def _table_row(self, s: ScheduledRequest, seeds: dict[str, int]) -> _RequestRow:
         rid = s.request.request_id
         row = self._rows.get(rid)
         if row is None or s.is_new:
-            row = self._rows[rid] = _RequestRow(np.zeros(self.max_pages, np.int32), 0, _static_sampling(s.request, seeds[rid]))
+            if row is not None:
+                self._free_slots.append(row.slot)
+            row = self._rows[rid] = _RequestRow(self._take_slot(), 0)
+            self._tables[row.slot] = 0
+            self._static[row.slot] = _static_sampling(s.request, seeds[rid])
         if len(s.block_ids) != row.num_blocks:
-            row.table[row.num_blocks : len(s.block_ids)] = s.block_ids[row.num_blocks :]
+            self._tables[row.slot, row.num_blocks : len(s.block_ids)] = s.block_ids[row.num_blocks :]
             row.num_blocks = len(s.block_ids)
         return row
 
-    def _sampling_tensors(self, sched: list[ScheduledRequest], s_pad: int, seeds: dict[str, int]):
+    def _take_slot(self) -> int:
+        if not self._free_slots:  # more live rows than max_num_seqs (not expected): grow
+            n = len(self._tables)
+            self._tables = np.concatenate([self._tables, np.zeros_like(self._tables)])
+            self._static = np.concatenate([self._static, np.tile(self._static[:1], (n, 1))])
+            self._free_slots = list(range(2 * n - 1, n - 1, -1))
+        return self._free_slots.pop()
+
+    def _sampling_tensors(self, sched: list[ScheduledRequest], static: np.ndarray):
+        """static: [S, 9] the rows' _static_sampling (padding rows neutral)."""
+        s_pad = len(static)
         n = len(sched)
-        static = np.array([self._rows[s.request.request_id].sampling for s in sched] if sched else np.zeros((0, 9)))
-        static = static.reshape(n, 9)
-
-        def col(j: int, neutral: float, dtype) -> np.ndarray:
-            arr = np.full(s_pad, neutral, dtype)
-            arr[:n] = static[:, j]
-            return arr
-
-        temperature = col(0, 0.0, np.float32)
-        top_k, top_p, min_p = col(1, 0, np.int32), col(2, 1.0, np.float32), col(3, 0.0, np.float32)
-        rep, presence, frequency = col(4, 1.0, np.float32), col(5, 0.0, np.float32), col(6, 0.0, np.float32)
-        seed_arr = np.zeros((s_pad, 2), np.uint32)  # (hi, lo) words of a 64-bit seed
-        seed_arr[:n] = static[:, 7:9]
+        temperature, top_p, min_p = (static[:, j].astype(np.float32) for j in (0, 2, 3))
+        top_k = static[:, 1].astype(np.int32)
+        rep, presence, frequency = (static[:, j].astype(np.float32) for j in (4, 5, 6))
+        seed_arr = static[:, 7:9].astype(np.uint32)  # (hi, lo) words of a 64-bit seed
         positions = np.zeros(s_pad, np.int32)
         positions[:n] = [s.start_position + s.num_tokens for s in sched]
 
@@ -367,21 +410,20 @@ class ModelRunner:
         self, inputs: StepInputs, prev_token_ids: jax.Array | None = None
     ) -> tuple[SamplerOutput, PromptLogprobs | None]:
         """Dispatch the step; returns device arrays (asynchronous until read).
-        `prev_token_ids`: the running step's sampled tokens ([S_prev], on the device), for
+        `prev_token_ids`: the running step's sampled tokens ([S_max], on the device), for
         inputs.token_src."""
         prompt = None
-        # Always committed to the device, like _merge_tokens' output: one compiled program.
-        tokens = jax.device_put(inputs.tokens, self.device)
-        if inputs.token_src is not None:
-            tokens = self._merge_tokens(tokens, inputs.token_src, prev_token_ids)
+        buf, layout = pack(_step_arrays(inputs))
+        prev = self.no_prev_tokens if prev_token_ids is None else prev_token_ids
         if inputs.prompt_rows is None:
-            logits, self.kv_caches = self._forward(self.state, self.kv_caches, tokens, inputs.meta)
+            logits, self.kv_caches = self._forward(self.state, self.kv_caches, buf, prev, layout=layout)
         else:
             logits, self.kv_caches, lp = self._forward_prompt(
-                self.state, self.kv_caches, tokens, inputs.meta, inputs.prompt_rows, inputs.prompt_targets)
+                self.state, self.kv_caches, buf, prev, inputs.prompt_rows, inputs.prompt_targets, layout=layout)
             prompt = PromptLogprobs(*lp)
+        sampling, sampling_layout = pack([getattr(inputs.sampling, f) for f in _SAMPLING_FIELDS])
         return self._sample(
-            logits, inputs.sampling, num_logprobs=inputs.num_logprobs,
+            logits, sampling, layout=sampling_layout, num_logprobs=inputs.num_logprobs,
             use_top_k_top_p=inputs.use_top_k_top_p, use_penalties=inputs.use_penalties,
             all_greedy=inputs.all_greedy,
         ), prompt
@@ -400,35 +442,33 @@ class ModelRunner:
         samplers = [(s, k, g) for s in sorted({s for _, s in pairs}) for k, g in ((False, True), (False, False), (True, False))]
         abstract_kv = self._abstract_kv_cache(num_blocks)
 
-        def sampler_args(s: int):
-            tensors, _ = self._sampling_tensors([], s, {})
-            return jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device), tensors
+        def sampler_args(s: int, use_top_k_top_p: bool, all_greedy: bool) -> tuple[tuple, dict]:
+            tensors, _ = self._sampling_tensors([], self._static[np.zeros(s, np.intp)])
+            buf, layout = pack([getattr(tensors, f) for f in _SAMPLING_FIELDS])
+            logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
+            return (logits, buf), dict(layout=layout, num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
+                                       use_penalties=False, all_greedy=all_greedy)
 
         with tqdm(total=2 * (len(pairs) + len(samplers)), desc="compiling", disable=not progress, unit="program") as bar:
             self.kv_caches = []  # no cache while compiling (a runner may be warmed up again)
             for t, s in pairs:
-                self._forward.lower(self.state, abstract_kv, *self._forward_args(t, s)).compile()
+                buf, layout = self._forward_args(t, s)
+                self._forward.lower(self.state, abstract_kv, buf, self.no_prev_tokens, layout=layout).compile()
                 bar.update()
-            for s, use_top_k_top_p, all_greedy in samplers:
-                self._sample.lower(*sampler_args(s), num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
-                                   use_penalties=False, all_greedy=all_greedy).compile()
+            for variant in samplers:
+                args, kwargs = sampler_args(*variant)
+                self._sample.lower(*args, **kwargs).compile()
                 bar.update()
             self.allocate_kv_cache(num_blocks)
             for t, s in pairs:
-                logits, self.kv_caches = self._forward(self.state, self.kv_caches, *self._forward_args(t, s))
+                buf, layout = self._forward_args(t, s)
+                logits, self.kv_caches = self._forward(self.state, self.kv_caches, buf, self.no_prev_tokens, layout=layout)
                 bar.update()
             jax.block_until_ready(self.kv_caches)
-            prev = {}
-            for s, use_top_k_top_p, all_greedy in samplers:
-                prev[s] = self._sample(*sampler_args(s), num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
-                                       use_penalties=False, all_greedy=all_greedy).token_ids
-                jax.block_until_ready(prev[s])
+            for variant in samplers:
+                args, kwargs = sampler_args(*variant)
+                jax.block_until_ready(self._sample(*args, **kwargs))
                 bar.update()
-            # The async-scheduling token merge, for every T and previous-step S (tiny programs).
-            for t in self.token_buckets:
-                for s, prev_tokens in prev.items():
-                    tokens = jax.device_put(np.zeros(t, np.int32), self.device)
-                    self._merge_tokens(tokens, np.full(t, -1, np.int32), prev_tokens)
         return time.perf_counter() - t0
 
     def model(self) -> CausalLM:
@@ -436,5 +476,4 @@ class ModelRunner:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, self.state))
 
     def num_compiled_programs(self) -> int:
-        return (self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()
-                + self._merge_tokens._cache_size())
+        return self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()

@@ -219,17 +219,10 @@ def test_collectives_are_xlas_and_few(checkpoint):
     all-gather of the logits; the KV cache is never gathered."""
     import re
 
-    from models import AttentionMetadata
-
     name, path, _ = checkpoint
     runner = _llm(path, 4, 1).engine.runner
-    t, s = 16, 4
-    meta = AttentionMetadata(
-        positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32), kv_lens=np.zeros(s, np.int32),
-        page_indices=np.zeros((s, runner.max_pages), np.int32), cu_q_lens=np.zeros(s + 1, np.int32),
-        num_seqs=np.zeros(1, np.int32), logits_indices=np.zeros(s, np.int32),
-    )
-    hlo = runner._forward.lower(runner.state, runner.kv_caches, np.zeros(t, np.int32), meta).compile().as_text()
+    buf, layout = runner._forward_args(16, 4)  # a step's packed host arrays, as execute packs them
+    hlo = runner._forward.lower(runner.state, runner.kv_caches, buf, runner.no_prev_tokens, layout=layout).compile().as_text()
     ops = re.findall(r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo)
     assert ops.count("all-reduce") == 1 + 2 * CONFIGS[name].num_layers, ops
     assert ops.count("all-gather") == 1 and "all-to-all" not in ops and "collective-permute" not in ops, ops
