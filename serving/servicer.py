@@ -1,8 +1,10 @@
 """`EngineServicer`: the jaxengine.v1.EngineService RPCs on top of `AsyncEngine`.
 
-Everything here runs on the server's asyncio loop and never blocks it: generation streams
-come from `AsyncEngine.generate`, and tokenizer / chat-template work runs on the engine
-thread (or process) through `call`. Status codes:
+Everything here runs on the server's asyncio loop and never waits on the engine: generation
+streams come from `generate` (AsyncEngine, or EngineClient over an engine process), and
+chat-template and Tokenize work runs on the engine thread (or process) through `call`. With
+an engine process, `generate` tokenizes a text prompt on this loop (as vLLM's API server
+does): milliseconds for long prompts, and never on the engine's step loop. Status codes:
 
 - UNAVAILABLE: the model is still loading, or the server is draining;
 - INVALID_ARGUMENT: the request can never run (message names the field and the limit);
