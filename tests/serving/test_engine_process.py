@@ -48,7 +48,7 @@ def test_streams_match_offline_generate(engine_process, want):
 
     for (tokens, text, outs), w in zip(asyncio.run(both()), want):
         assert tokens == w.outputs[0].token_ids and text == w.outputs[0].text
-        assert outs[-1].finished and outs[-1].prompt_token_ids == w.prompt_token_ids  # sent once, put back
+        assert outs[-1].finished and outs[-1].prompt_token_ids == w.prompt_token_ids  # kept by the client
         assert all(o.prompt_token_ids == w.prompt_token_ids for o in outs)
     assert engine_process.engine.max_model_len == ENGINE_ARGS["max_model_len"]
 
@@ -163,8 +163,9 @@ def test_call_cancelled_while_its_request_is_being_added(engine_process):
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_slow_consumer_gets_merged_deltas_across_the_process(engine_process, tiny_model, n):
-    """Outputs cross the pipe packed and are built only when the stream is read: the steps a
-    paused consumer missed come as one delta per read, per sample, nothing lost or repeated."""
+    """Token ids cross the pipe per step and the client builds the outputs; a stream combines
+    what arrived when it is read: the steps a paused consumer missed come as one delta per
+    read, per sample, nothing lost or repeated."""
     from jaxengine.outputs import OutputKind
     from tests.serving.test_async_engine import PROMPT, _stream
 
