@@ -265,53 +265,51 @@ class ModelRunner:
         bs = self.block_size
 
         tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        kv_lens: list[int] = []
+        starts: list[int] = []  # per request: its first position this step
         cu = [0]
         row_slots = np.zeros(s_pad, np.intp)  # padding rows read slot 0
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_slots: list[tuple[str, int]] = []
         pending: list[tuple[int, int]] = []  # (flat row, row in the previous step's output)
-        for s in sched:
-            n, start, table = s.num_tokens, s.start_position, s.block_ids
-            row_slots[len(cu) - 1] = self._table_row(s, seeds).slot
-            all_ids = s.request.all_token_ids
+        for r, s in enumerate(sched):
+            n, start, req = s.num_tokens, s.start_position, s.request
+            row_slots[r] = self._table_row(s, seeds).slot
+            all_ids = req.all_token_ids
             if n == 1:  # a decode: the common case
                 if start < len(all_ids):
                     tokens.append(all_ids[start])
                 else:  # sampled by the step still running: filled in on the device
-                    pending.append((len(tokens), prev_rows[s.request.request_id]))
+                    pending.append((len(tokens), prev_rows[req.request_id]))
                     tokens.append(0)
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
             else:
                 tokens += all_ids[start : start + n]
-                pos = range(start, start + n)
-                positions += pos
-                slots += [table[p // bs] * bs + p % bs for p in pos]
-            req = s.request
             if req.sampling_params.prompt_logprobs is not None and req.sample_index == 0:
                 # Row start+i predicts the prompt token at start+i+1 (n > 1 children share one answer).
                 for i in range(min(n, req.num_prompt_tokens - 1 - start)):
                     prompt_rows.append(cu[-1] + i)
                     prompt_targets.append(all_ids[start + i + 1])
                     prompt_slots.append((req.request_id, start + i + 1))
-            kv_lens.append(start + n)
+            starts.append(start)
             cu.append(cu[-1] + n)
 
-        def padded(values: list[int], size: int, fill: int) -> np.ndarray:
+        def padded(values, size: int, fill: int) -> np.ndarray:
             arr = np.full(size, fill, np.int32)
             arr[: len(values)] = values
             return arr
 
-        slot_arr = np.arange(t_pad, dtype=np.int32) % bs  # padding writes into the null page
-        slot_arr[:t_real] = slots
-        tables = self._tables[row_slots]
+        # Positions and KV slots of every token at once, from each request's start and its
+        # block-table row (no per-token Python: a 4096-token prefill chunk is one numpy op).
+        tables = self._tables[row_slots]  # [s_pad, max_pages]
         cu_arr = padded(cu, s_pad + 1, t_real)
+        starts_arr = np.asarray(starts, np.int32)
+        counts = np.diff(cu_arr[: num_seqs + 1])
+        seq_of = np.repeat(np.arange(num_seqs), counts)  # [t_real] the request of each token
+        positions = np.arange(t_real, dtype=np.int32) + (starts_arr - cu_arr[:num_seqs])[seq_of]
+        slot_arr = np.arange(t_pad, dtype=np.int32) % bs  # padding writes into the null page
+        slot_arr[:t_real] = tables[seq_of, positions // bs] * bs + positions % bs
         meta = AttentionMetadata(
-            positions=padded(positions, t_pad, 0), slot_mapping=slot_arr, kv_lens=padded(kv_lens, s_pad, 0),
+            positions=padded(positions, t_pad, 0), slot_mapping=slot_arr, kv_lens=padded(starts_arr + counts, s_pad, 0),
             page_indices=tables, cu_q_lens=cu_arr, num_seqs=np.array([num_seqs], np.int32),
             logits_indices=np.maximum(cu_arr[1:] - 1, 0),
         )
