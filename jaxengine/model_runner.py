@@ -78,6 +78,7 @@ class _RequestRow:
 
     slot: int  # its row of ModelRunner._tables and ._static (0 is the padding row)
     num_blocks: int  # how much of its block table is written there
+    special: bool  # logit bias, min_tokens, penalties or logprobs: per-step sampling work
 
 
 # _static_sampling of a padding row: greedy, every filter and penalty off.
@@ -272,9 +273,13 @@ class ModelRunner:
         prompt_targets: list[int] = []
         prompt_slots: list[tuple[str, int]] = []
         pending: list[tuple[int, int]] = []  # (flat row, row in the previous step's output)
+        special: list[int] = []  # rows with per-step sampling work
         for r, s in enumerate(sched):
             n, start, req = s.num_tokens, s.start_position, s.request
-            row_slots[r] = self._table_row(s, seeds).slot
+            row = self._table_row(s, seeds)
+            row_slots[r] = row.slot
+            if row.special:
+                special.append(r)
             all_ids = req.all_token_ids
             if n == 1:  # a decode: the common case
                 if start < len(all_ids):
@@ -308,12 +313,13 @@ class ModelRunner:
         positions = np.arange(t_real, dtype=np.int32) + (starts_arr - cu_arr[:num_seqs])[seq_of]
         slot_arr = np.arange(t_pad, dtype=np.int32) % bs  # padding writes into the null page
         slot_arr[:t_real] = tables[seq_of, positions // bs] * bs + positions % bs
+        kv_lens = padded(starts_arr + counts, s_pad, 0)  # also the position each row samples at
         meta = AttentionMetadata(
-            positions=padded(positions, t_pad, 0), slot_mapping=slot_arr, kv_lens=padded(starts_arr + counts, s_pad, 0),
+            positions=padded(positions, t_pad, 0), slot_mapping=slot_arr, kv_lens=kv_lens,
             page_indices=tables, cu_q_lens=cu_arr, num_seqs=np.array([num_seqs], np.int32),
             logits_indices=np.maximum(cu_arr[1:] - 1, 0),
         )
-        sampling, flags = self._sampling_tensors(sched, self._static[row_slots])
+        sampling, flags = self._sampling_tensors(sched, self._static[row_slots], kv_lens, special)
         inputs = StepInputs(padded(tokens, t_pad, 0), meta, sampling, *flags, num_seqs)
         if pending:
             src = np.full(t_pad, -1, np.int32)
@@ -334,7 +340,9 @@ class ModelRunner:
         if row is None or s.is_new:
             if row is not None:
                 self._free_slots.append(row.slot)
-            row = self._rows[rid] = _RequestRow(self._take_slot(), 0)
+            p = s.request.sampling_params
+            special = bool(p.logit_bias or p.min_tokens or p.has_penalties or p.logprobs)
+            row = self._rows[rid] = _RequestRow(self._take_slot(), 0, special)
             self._tables[row.slot] = 0
             self._static[row.slot] = _static_sampling(s.request, seeds[rid])
         if len(s.block_ids) != row.num_blocks:
@@ -350,21 +358,22 @@ class ModelRunner:
             self._free_slots = list(range(2 * n - 1, n - 1, -1))
         return self._free_slots.pop()
 
-    def _sampling_tensors(self, sched: list[ScheduledRequest], static: np.ndarray):
-        """static: [S, 9] the rows' _static_sampling (padding rows neutral)."""
+    def _sampling_tensors(self, sched: list[ScheduledRequest], static: np.ndarray, positions: np.ndarray,
+                          special: list[int]):
+        """static: [S, 9] the rows' _static_sampling (padding rows neutral); positions: [S]
+        the position each row samples at; special: the rows with logit bias, min_tokens,
+        penalties or logprobs (the others need no per-step work here)."""
         s_pad = len(static)
-        n = len(sched)
         temperature, top_p, min_p = (static[:, j].astype(np.float32) for j in (0, 2, 3))
         top_k = static[:, 1].astype(np.int32)
         rep, presence, frequency = (static[:, j].astype(np.float32) for j in (4, 5, 6))
         seed_arr = static[:, 7:9].astype(np.uint32)  # (hi, lo) words of a 64-bit seed
-        positions = np.zeros(s_pad, np.int32)
-        positions[:n] = [s.start_position + s.num_tokens for s in sched]
 
         biases: dict[int, dict[int, float]] = {}
         penalised: list[int] = []
         num_logprobs = 0
-        for i, s in enumerate(sched):
+        for i in special:
+            s = sched[i]
             req = s.request
             p = req.sampling_params
             if p.logit_bias or p.min_tokens:
@@ -441,7 +450,7 @@ class ModelRunner:
         abstract_kv = self._abstract_kv_cache(num_blocks)
 
         def sampler_args(s: int, use_top_k_top_p: bool, all_greedy: bool) -> tuple[tuple, dict]:
-            tensors, _ = self._sampling_tensors([], self._static[np.zeros(s, np.intp)])
+            tensors, _ = self._sampling_tensors([], self._static[np.zeros(s, np.intp)], np.zeros(s, np.int32), [])
             buf, layout = pack([getattr(tensors, f) for f in _SAMPLING_FIELDS])
             logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
             return (logits, buf), dict(layout=layout, num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
