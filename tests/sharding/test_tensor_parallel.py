@@ -185,6 +185,38 @@ def test_data_parallel_replicas_on_disjoint_devices(checkpoint):
     assert engine.num_blocks == sum(e.num_blocks for e in engine.replicas) > 0
 
 
+def test_data_parallel_core_calls_match_generate(checkpoint):
+    """What an engine process calls on a DataParallelEngine: add_core_request spreads requests
+    over the replicas, step_core's CoreOutputs carry every token (the greedy tokens of one
+    device), stop_requests reaches the replica that runs the request, and `done` releases the
+    request ids."""
+    from jaxengine.request import RequestStatus
+
+    _, path, want = checkpoint
+    engine = _llm(path, 4, 2).engine
+    ids = [f"core-{i}" for i in range(len(PROMPTS))]
+    for rid, prompt in zip(ids, PROMPTS):
+        assert engine.add_core_request(prompt, GREEDY, request_id=rid) == [rid]
+    engine.add_core_request(PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+                            request_id="core-stop")
+    assert {engine._owner[rid] for rid in ids} == {0, 1}
+    got = {rid: [] for rid in [*ids, "core-stop"]}
+    finished, done = {}, []
+    while engine.has_unfinished_requests():
+        out = engine.step_core()
+        for rid, tok in zip(out.req_ids, out.token_ids):
+            got[rid].append(tok)
+        finished.update(out.finished)
+        done += out.done
+        if got["core-stop"] and "core-stop" not in finished:
+            engine.stop_requests([("core-stop", "a stop string")])
+    assert [got[rid] for rid in ids] == want
+    assert finished["core-stop"] == (int(RequestStatus.FINISHED_STOPPED), "a stop string")
+    assert len(got["core-stop"]) < 16
+    assert sorted(done) == sorted([*ids, "core-stop"]) and not set(done) & set(engine._owner)
+    assert engine.stats()["num_running"] == 0
+
+
 def test_divisibility_errors_are_clear():
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(8\)"):
         random_model("tiny-llama", jnp.float32, mesh=make_mesh(8))
