@@ -19,6 +19,8 @@ the client never competes with the server for this process's GIL. Before timing,
 outputs through the server are checked against the offline engine. "Offline" is the same
 compiled engine driven directly (all requests added, `step()` until done, on the engine
 thread): served / offline output-token throughput at `inf` is the service layer's cost.
+Every timed run (each rate, and offline) starts with the prefix cache emptied: the runs send
+the same prompts, and a run that found them cached would skip their prefill.
 """
 
 from __future__ import annotations
@@ -193,6 +195,17 @@ def _offline(engine, prompts: list[list[int]], params) -> tuple[float, int, list
     return seconds, sum(len(o) for o in ordered), ordered
 
 
+def _cold_prefix_cache(async_engine) -> None:
+    """Empty the prefix cache before a timed run (launch mode; a no-op against --target)."""
+    if async_engine is not None and not async_engine.call(_reset_prefix_cache).result():
+        print("warning: the prefix cache could not be reset (blocks in use); this run may hit it", file=sys.stderr)
+
+
+def _reset_prefix_cache(engine) -> bool:
+    replicas = getattr(engine, "replicas", [engine])  # a DataParallelEngine resets each replica
+    return all([e.reset_prefix_cache() for e in replicas])
+
+
 def _timing(engine) -> dict:
     timing = getattr(engine, "timing", None)  # a DataParallelEngine has none
     return dict(timing) if isinstance(timing, dict) else {}
@@ -326,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         want, got = [], []
         with Client(target, timeout=600) as c:
             for pr in check:
-                async_engine.call(Engine.reset_prefix_cache).result()
+                async_engine.call(_reset_prefix_cache).result()
                 want += async_engine.call(_offline, [pr], SamplingParams(**sampling)).result()[2]
-                async_engine.call(Engine.reset_prefix_cache).result()
+                async_engine.call(_reset_prefix_cache).result()
                 got.append(list(c.generate(pr, **sampling).token_ids))
         if got != want:
             print("error: served greedy output differs from the offline engine", file=sys.stderr)
@@ -346,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         run_load_split(pool, nproc, target, reqs[: min(8 * nproc, len(reqs))], math.inf, None, 1, args.api_key, 1)
         result["runs"] = {}
         for rate in rates:
+            _cold_prefix_cache(async_engine)
             before = async_engine.call(_timing).result() if async_engine is not None else None
             done = threading.Event()
             watcher = concurrent.futures.ThreadPoolExecutor(1).submit(_watch_queue, async_engine, done) \
@@ -365,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     if async_engine is not None and not args.no_offline:
         from jaxengine import SamplingParams
 
+        _cold_prefix_cache(async_engine)
         seconds, tokens, _ = async_engine.call(_offline, prompts, SamplingParams(**sampling)).result()
         offline_tps = tokens / seconds
         result["offline"] = dict(duration_s=seconds, output_token_throughput=offline_tps,
