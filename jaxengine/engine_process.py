@@ -178,10 +178,7 @@ class EngineClient(StreamingEngine):
             if kind == "left":
                 break
             if kind == "outputs":
-                records, stops = self.processor.process(msg[1])
-                if stops:
-                    self._send_if_alive(("stop_strings", stops))
-                self._send_records(records)
+                self._outputs(msg[1])
             elif kind == "reply":
                 _, cid, ok, value = msg
                 adding = self._adding.pop(cid, None)
@@ -200,6 +197,26 @@ class EngineClient(StreamingEngine):
                 fut.set_exception(EngineDeadError("the engine process has exited"))
         self._pending.clear()
         self._send_all([(rid, EngineDeadError("engine shut down"), 0, True) for rid in list(self._streams)])
+
+
+    def _outputs(self, out: CoreOutputs) -> None:
+        """A step's token ids -> outputs to their streams (on the reader thread). Should
+        turning them into outputs fail, the requests of that step fail (their callers get
+        the error, the engine aborts them) and the reader goes on: no stream is left hanging."""
+        try:
+            records, stops = self.processor.process(out)
+        except Exception as e:  # noqa: BLE001 - a bug here must not end every stream
+            log.exception("building outputs failed")
+            rids = self.processor.request_ids_of([*out.req_ids, *out.finished])
+            self.processor.remove(rids)
+            for rid in rids:
+                self.abort(rid)
+            self._send_all([(rid, EngineDeadError(f"building this request's output failed: {e!r}"), 0, True)
+                            for rid in rids])
+            return
+        if stops:
+            self._send_if_alive(("stop_strings", stops))
+        self._send_records(records)
 
 
 class EngineProcess(EngineClient):

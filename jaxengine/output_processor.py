@@ -97,6 +97,10 @@ class OutputProcessor:
                 for sid in sample_request_ids(rid, state.params.n):
                     self._samples.pop(sid, None)
 
+    def request_ids_of(self, sample_ids: list[str]) -> list[str]:
+        """The requests (ids as added) of these samples, those still here."""
+        return list(dict.fromkeys(e[0].request_id for sid in sample_ids if (e := self._samples.get(sid)) is not None))
+
     def __len__(self) -> int:
         return len(self._states)
 

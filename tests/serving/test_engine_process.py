@@ -226,3 +226,32 @@ def test_stop_string_matched_in_the_client_stops_the_engine(engine_process, tiny
     for g, w in zip(got_lp[1:], want_lp[1:]):
         assert g.keys() == w.keys()
         assert [v.logprob for v in g.values()] == pytest.approx([v.logprob for v in w.values()], abs=1e-4)
+
+
+def test_a_failure_building_outputs_fails_its_request_and_the_client_goes_on(engine_process, want, monkeypatch):
+    """Outputs are built on the client's reader thread: should that fail for a step, its
+    requests fail with the error (no stream hangs), the engine aborts them, and the client
+    keeps serving."""
+    from jaxengine.async_engine import EngineDeadError
+
+    real = engine_process.processor.process
+
+    def process(out):
+        if any(rid.startswith("doomed") for rid in out.req_ids):
+            raise RuntimeError("bug in output building")
+        return real(out)
+
+    monkeypatch.setattr(engine_process.processor, "process", process)
+    params = jaxengine.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+
+    async def doomed():
+        async for _ in engine_process.generate(PROMPTS[0], params, request_id="doomed-1"):
+            pass
+
+    with pytest.raises(EngineDeadError, match="bug in output building"):
+        asyncio.run(asyncio.wait_for(doomed(), 60))
+    stats = wait_idle(engine_process)
+    assert stats["used_blocks"] == 0 and not stats["unfinished"], stats
+    tokens, text, _ = asyncio.run(_tokens(engine_process, PROMPTS[0], jaxengine.SamplingParams(max_tokens=24, temperature=0.0)))
+    assert tokens == want[0].outputs[0].token_ids and text == want[0].outputs[0].text
+    assert len(engine_process.processor) == 0
