@@ -183,7 +183,12 @@ class EngineClient(StreamingEngine):
                 _, cid, ok, value = msg
                 adding = self._adding.pop(cid, None)
                 if ok and adding is not None:
-                    self.processor.add(*adding)
+                    try:
+                        self.processor.add(*adding)
+                    except Exception as e:  # noqa: BLE001 - the caller gets it; the engine drops the request
+                        log.exception("starting the outputs of %s failed", adding[0])
+                        self.abort(adding[0])
+                        ok, value = False, e
                 fut = self._pending.pop(cid, None)
                 if fut is not None and fut.set_running_or_notify_cancel():
                     fut.set_result(value) if ok else fut.set_exception(value)

@@ -255,3 +255,25 @@ def test_a_failure_building_outputs_fails_its_request_and_the_client_goes_on(eng
     tokens, text, _ = asyncio.run(_tokens(engine_process, PROMPTS[0], jaxengine.SamplingParams(max_tokens=24, temperature=0.0)))
     assert tokens == want[0].outputs[0].token_ids and text == want[0].outputs[0].text
     assert len(engine_process.processor) == 0
+
+
+def test_a_failure_starting_outputs_fails_the_add_and_the_engine_drops_it(engine_process, monkeypatch):
+    real = engine_process.processor.add
+
+    def add(rid, *args):
+        if rid == "bad-add":
+            raise RuntimeError("detokenizer could not start")
+        return real(rid, *args)
+
+    monkeypatch.setattr(engine_process.processor, "add", add)
+
+    async def bad():
+        async for _ in engine_process.generate(PROMPTS[0], jaxengine.SamplingParams(max_tokens=50, ignore_eos=True),
+                                               request_id="bad-add"):
+            pass
+
+    with pytest.raises(RuntimeError, match="detokenizer could not start"):
+        asyncio.run(asyncio.wait_for(bad(), 60))
+    stats = wait_idle(engine_process)
+    assert stats["used_blocks"] == 0 and not stats["unfinished"], stats
+    assert engine_process.num_unfinished == 0
