@@ -18,6 +18,7 @@ cross-replica collective and no lock-step of batch shapes (each pads to its own 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from jaxengine.config import EngineConfig
@@ -66,21 +67,23 @@ class DataParallelEngine:
         request_id: str | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE, **kwargs: Any,
     ) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._owner:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        i = next(self._next)
-        self.replicas[i].add_request(prompt, params, request_id=request_id, output_kind=output_kind, **kwargs)
-        self._owner[request_id] = i
+        self._on_next_replica(request_id, lambda engine: engine.add_request(
+            prompt, params, request_id=request_id, output_kind=output_kind, **kwargs))
         return request_id
 
     def add_core_request(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str,
                          **kwargs: Any) -> list[str]:
+        return self._on_next_replica(request_id, lambda engine: engine.add_core_request(
+            prompt_token_ids, params, request_id=request_id, **kwargs))
+
+    def _on_next_replica(self, request_id: str, add: Callable[[Engine], Any]) -> Any:
+        """Add a request to the next replica (round-robin) and remember which one has it."""
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in use")
         i = next(self._next)
-        samples = self.replicas[i].add_core_request(prompt_token_ids, params, request_id=request_id, **kwargs)
+        result = add(self.replicas[i])
         self._owner[request_id] = i
-        return samples
+        return result
 
     def stop_requests(self, stops: list[tuple[str, str]]) -> None:
         for engine in self.replicas:  # a sample id another replica does not know is ignored there

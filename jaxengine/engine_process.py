@@ -203,7 +203,6 @@ class EngineClient(StreamingEngine):
         self._pending.clear()
         self._send_all([(rid, EngineDeadError("engine shut down"), 0, True) for rid in list(self._streams)])
 
-
     def _outputs(self, out: CoreOutputs) -> None:
         """A step's token ids -> outputs to their streams (on the reader thread). Should
         turning them into outputs fail, the requests of that step fail (their callers get

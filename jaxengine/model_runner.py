@@ -323,8 +323,8 @@ class ModelRunner:
         inputs = StepInputs(padded(tokens, t_pad, 0), meta, sampling, *flags, num_seqs)
         if pending:
             src = np.full(t_pad, -1, np.int32)
-            for row, prev in pending:
-                src[row] = prev
+            for flat, prev in pending:
+                src[flat] = prev
             inputs = dataclasses.replace(inputs, token_src=src)
         if prompt_rows:
             r_pad = _pow2(len(prompt_rows), 16)

@@ -69,8 +69,9 @@ class OutputProcessor:
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
             kind: OutputKind, arrival_time: float) -> None:
         """A request the core has accepted (same id; samples "<id>-<i>" when n > 1)."""
+        sample_ids = sample_request_ids(request_id, params.n)
         samples = []
-        for i, sid in enumerate(sample_request_ids(request_id, params.n)):
+        for i in range(len(sample_ids)):
             detok = None
             # Streams and stop strings need text every step; a plain offline request is
             # decoded once when it finishes (saves ~12 us per token).
@@ -86,7 +87,7 @@ class OutputProcessor:
             prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(prompt_token_ids),
         )
         self._states[request_id] = state
-        for sid, sample in zip(sample_request_ids(request_id, params.n), samples):
+        for sid, sample in zip(sample_ids, samples):
             self._samples[sid] = (state, sample)
 
     def remove(self, request_ids: list[str]) -> None:
