@@ -21,7 +21,8 @@ from pathlib import Path
 # First match wins; names as XLA/cuBLAS/NCCL/Triton/Mosaic print them.
 KINDS = (
     ("attention", re.compile(r"ragged_paged_attention|paged_attention|flash|attention", re.I)),
-    ("collective", re.compile(r"nccl|all-?reduce|all-?gather|reduce-?scatter|all-?to-?all|collective", re.I)),
+    # XLA's own all-reduce kernels (not NCCL's) print with underscores: "all_reduce".
+    ("collective", re.compile(r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all|collective", re.I)),
     ("matmul", re.compile(r"gemm|cublas|cutlass|xmma|wgmma|dot|matmul|sm\d+_", re.I)),
 )
 
@@ -37,9 +38,10 @@ def _trace_file(trace_dir: Path) -> Path:
     return files[-1]
 
 
-def summarize(trace_dir: str | Path, top: int = 15) -> dict:
+def summarize(trace_dir: str | Path, top: int = 40) -> dict:
     """{"devices": {name: {busy_s, span_s, idle_fraction}}, "kinds": {kind: seconds},
-    "top": [(kernel, seconds, calls)]}, over the device streams (or the CPU's XLA threads)."""
+    "top": [(kernel, seconds, calls)]}, over the device streams (or the CPU's XLA threads).
+    "kinds" and "top" sum over all devices: divide by their count for one device's share."""
     with gzip.open(_trace_file(Path(trace_dir))) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -93,7 +95,7 @@ def print_summary(summary: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace_dir")
-    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
     print_summary(summarize(args.trace_dir, args.top))
 

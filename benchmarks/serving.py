@@ -164,6 +164,8 @@ def print_summary(name: str, s: dict) -> None:
         rows += [("Engine steps", s["engine"]["steps"]), ("Engine output tokens per step", f"{s['engine']['tokens_per_step']:.1f}"),
                  ("Engine steps/s", f"{s['engine']['steps_per_s']:.1f}"),
                  ("Steps the host made the device wait (%)", f"{100 * s['engine']['host_bound_fraction']:.1f}"),
+                 ("Engine loop s: steps / commands / outputs", "{seconds_in_step:.3f} / {seconds_in_commands:.3f} / "
+                                                               "{seconds_in_outputs:.3f}".format(**s["engine"])),
                  ("Engine requests running / waiting, mean", f"{s['engine'].get('mean_running', float('nan')):.1f} / "
                                                               f"{s['engine'].get('mean_waiting', float('nan')):.1f}")]
     for label, key in (("Time to First Token", "ttft_ms"), ("Time per Output Token (excl. 1st token)", "tpot_ms"),
@@ -240,7 +242,10 @@ def _engine_delta(before: dict, after: dict, out_tokens: int, duration: float) -
     bound = after.get("host_bound_steps", 0) - before.get("host_bound_steps", 0)
     return dict(steps=steps, tokens_per_step=out_tokens / max(1, steps), steps_per_s=steps / duration,
                 host_bound_fraction=bound / max(1, steps),
-                seconds_in_step=after.get("loop_seconds", 0) - before.get("loop_seconds", 0))
+                seconds_in_step=after.get("loop_seconds", 0) - before.get("loop_seconds", 0),
+                # An engine process's loop beside the steps: its clients' commands, and sending outputs.
+                seconds_in_commands=after.get("commands_seconds", 0) - before.get("commands_seconds", 0),
+                seconds_in_outputs=after.get("outputs_seconds", 0) - before.get("outputs_seconds", 0))
 
 
 def _device_info(engine) -> dict:  # asked of the engine: this process may not own the GPU

@@ -17,6 +17,10 @@ V1 splits its engine core from its API servers. Over a pipe:
                       ("step_failed", [rid, ...], message)
                       ("left",)                                        after "leave"
 
+The child reads and writes its ends through `ClientLink` (client_link.py): without blocking
+the step loop, and the replies to one pass over the commands, or one step's outputs, in one
+write per connection.
+
 The child can serve several such connections (`num_clients`): one per gRPC front-end
 process (`jaxengine serve --api-server-count N`, vLLM's API-server scale-out). Each
 connection's requests and outputs are its own; `EngineClient` is one connection's end, and
@@ -38,14 +42,14 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
-import multiprocessing.connection
 import pickle
-import queue
+import selectors
 import threading
 import time
 from typing import Any
 
 from jaxengine.async_engine import EngineDeadError, StreamingEngine
+from jaxengine.client_link import ClientLink
 from jaxengine.config import EngineConfig
 from jaxengine.engine_core import CoreOutputs
 from jaxengine.output_processor import OutputProcessor
@@ -266,41 +270,6 @@ def _picklable_error(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-class _Sender:
-    """The child's messages to one connection. A step's CoreOutputs are pickled on the
-    engine's thread (fast, and no second thread holding the GIL inside pickle.dumps when
-    the engine wants it back); a thread of their own writes them, so a client that is slow
-    to read never stalls a step on a full pipe."""
-
-    def __init__(self, conn):
-        self._conn = conn
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="jaxengine-sender", daemon=True)
-        self._thread.start()
-
-    def send(self, msg: tuple) -> None:
-        self._queue.put(msg)
-
-    def outputs(self, out: CoreOutputs) -> None:
-        self._queue.put(pickle.dumps(("outputs", out), protocol=pickle.HIGHEST_PROTOCOL))
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while (msg := self._queue.get()) is not None:
-            try:
-                if isinstance(msg, bytes):
-                    self._conn.send_bytes(msg)  # read by the parent's conn.recv() like any message
-                else:
-                    self._conn.send(msg)
-            except (pickle.PicklingError, AttributeError, TypeError) as e:  # a call's result
-                self._conn.send(("reply", msg[1], False, TypeError(f"the engine process cannot send this back: {e}")))
-            except OSError:  # the parent is gone
-                return
-
-
 def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
     import signal
 
@@ -321,9 +290,19 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
     for conn in conns:
         conn.send(("ready", info))
     clients = _Clients(engine, conns)
+    # The loop's time beside the steps (a dict beside the engine's own `timing`, which a
+    # DataParallelEngine lacks): what serving costs the engine process per step.
+    timing = getattr(engine, "timing", None)
+    timing = timing if isinstance(timing, dict) else {}
+    timing.update(commands_seconds=0.0, outputs_seconds=0.0)
+    clock = time.perf_counter
     try:
         while True:
-            if clients.handle_commands():
+            t0, busy = clock(), engine.has_unfinished_requests()
+            stop = clients.handle_commands()
+            if busy:  # not the wait for work when idle
+                timing["commands_seconds"] += clock() - t0
+            if stop:
                 break
             if not engine.has_unfinished_requests():
                 continue
@@ -334,7 +313,9 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
                 clients.fail_all(repr(e))
                 continue
             if out:
+                t0 = clock()
                 clients.outputs(out)
+                timing["outputs_seconds"] += clock() - t0
     except (EOFError, OSError):  # the parent is gone
         pass
     finally:
@@ -346,34 +327,40 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
 
 class _Clients:
     """The child's connections: their commands, and each step's outputs to the connection
-    whose request they are."""
+    whose request they are. Replies to one pass over the commands, and a step's outputs,
+    leave in one write per connection (`ClientLink`)."""
 
     def __init__(self, engine, conns: list):
         self.engine = engine
-        self.conns = dict(enumerate(conns))  # still connected
-        self.senders = [_Sender(c) for c in conns]
+        self.links = [ClientLink(c) for c in conns]
+        self.live = dict(enumerate(self.links))  # still connected
+        self.selector = selectors.DefaultSelector()
+        for i, link in self.live.items():
+            self.selector.register(link.sock, selectors.EVENT_READ, i)
         # Requests (ids as added, and their samples' ids) not yet finished -> their connection.
         self.owner: dict[str, int] = {}
 
     def handle_commands(self) -> bool:
         """Run every command waiting (block briefly when the engine is idle); True on stop."""
         timeout = 0.0 if self.engine.has_unfinished_requests() else 0.5
-        while ready := multiprocessing.connection.wait(list(self.conns.values()), timeout):
-            timeout = 0.0
-            for conn in ready:
-                i = next(k for k, c in self.conns.items() if c is conn)
-                while True:
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):
+        try:
+            while ready := self.selector.select(timeout):
+                timeout = 0.0
+                for key, _ in ready:
+                    i = key.data
+                    msgs, closed = self.links[i].read()
+                    for msg in msgs:
+                        if self._handle(i, msg):
+                            return True
+                        if i not in self.live:
+                            break
+                    if closed and i in self.live:
                         if i == 0:
-                            raise
+                            raise EOFError("the engine's owner is gone")
                         self._client_gone(i)
-                        break
-                    if self._handle(i, msg):
-                        return True
-                    if i not in self.conns or not conn.poll():
-                        break
+        finally:
+            for link in self.links:
+                link.flush()
         return False
 
     def _handle(self, i: int, msg: tuple) -> bool:
@@ -385,7 +372,7 @@ class _Clients:
             return True
         if kind == "leave":
             self._client_gone(i)
-            self.senders[i].send(("left",))
+            self.links[i].send(("left",))
             return False
         if kind == "abort":
             if self.owner.get(msg[1]) == i:
@@ -404,37 +391,41 @@ class _Clients:
                 value = rid
             else:  # "call"
                 value = msg[2](engine, *msg[3])
-            self.senders[i].send(("reply", cid, True, value))
+            self.links[i].send(("reply", cid, True, value))  # a result that cannot be pickled raises here
         except Exception as e:  # noqa: BLE001 - the caller gets it, the engine goes on
-            self.senders[i].send(("reply", cid, False, _picklable_error(e)))
+            self.links[i].send(("reply", cid, False, _picklable_error(e)))
         return False
 
     def _client_gone(self, i: int) -> None:
-        if self.conns.pop(i, None) is None:
+        if self.live.pop(i, None) is None:
             return
+        self.selector.unregister(self.links[i].sock)
         rids = sorted(r for r, k in self.owner.items() if k == i)
         if rids:
             self.engine.abort_request(rids)  # their final outputs go nowhere
             log.warning("engine client %d left; aborted its %d requests", i, len(rids))
 
     def outputs(self, out: CoreOutputs) -> None:
-        parts = {0: out} if len(self.senders) == 1 else out.split(self.owner)
+        parts = {0: out} if len(self.links) == 1 else out.split(self.owner)
         for rid in (*out.finished, *out.done):
             self.owner.pop(rid, None)
         for i, part in parts.items():
-            if i in self.conns:
-                self.senders[i].outputs(part)
+            if i in self.live:
+                self.links[i].send(("outputs", part))
+                self.links[i].flush()
 
     def fail_all(self, message: str) -> None:
         rids = sorted(self.owner)
         self.engine.abort_request(rids)
         self.engine.step_core()
-        for i in self.conns:
+        for i, link in self.live.items():
             mine = [r for r in rids if self.owner[r] == i]
             if mine:
-                self.senders[i].send(("step_failed", mine, message))
+                link.send(("step_failed", mine, message))
+                link.flush()
         self.owner.clear()
 
     def close(self) -> None:
-        for sender in self.senders:
-            sender.close()
+        self.selector.close()
+        for link in self.links:
+            link.close()

@@ -26,5 +26,6 @@ def test_summary_of_a_real_trace(tmp_path):
 def test_kernel_kinds():
     assert kind_of("ragged_paged_attention_kernel") == "attention"
     assert kind_of("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "collective"
+    assert kind_of("all_reduce_one_shot_kernel") == "collective"  # XLA's own, not NCCL's
     assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
     assert kind_of("loop_add_fusion") == "other"
