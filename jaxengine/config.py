@@ -49,9 +49,8 @@ class EngineConfig:
     # which is what limits a busy server (benchmarks/RESULTS.md, Serving).
     stream_interval: int = 1
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
-    # 2: even and odd steps run on separate compiled copies of the step's programs, so neither
-    # copy's CUDA graphs are re-pointed at the temporaries of the step in flight at every
-    # launch (jaxengine.model_runner). Twice the programs to compile (or load from the cache).
+    # 2: even and odd steps run on separate compiled copies of the step's programs (an
+    # experiment, unmeasured: jaxengine.model_runner). Twice the programs to compile.
     executable_copies: int = 1
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
     compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla")

@@ -13,11 +13,12 @@ write) and the sampler. The sampler stays a call of its own so that its variants
 multiply the forward's compiled programs.
 
 `executable_copies=2` compiles the forward and sampler twice and runs even and odd steps
-on separate copies. On a GPU each compiled program launches as CUDA graphs that record
-buffer addresses; with async scheduling a step is dispatched while the previous one still
-holds its temporaries, so consecutive steps get temporaries at two alternating addresses
-and XLA re-points the graph's nodes at every launch. A copy per parity sees the same
-addresses every other step. (Not measured yet: benchmarks/RESULTS.md, next runs.)
+on separate copies. An experiment, off by default and not yet measured on a GPU
+(benchmarks/RESULTS.md, next runs): on a GPU each program launches as CUDA graphs that
+record buffer addresses, and XLA re-points every node whose buffer moved since that
+program's last launch. If consecutive steps' temporaries land at two alternating addresses
+(a step is dispatched while the previous one runs), one copy is re-pointed at every launch
+and a copy per parity is not.
 """
 
 from __future__ import annotations
