@@ -2,7 +2,6 @@
 
     python3 benchmarks/step_host_time.py [--preset llama-3.2-1b] [--no-timers] [--out FILE]
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/step_host_time.py   # CUDA graphs off
-    python3 benchmarks/step_host_time.py --executable-copies 2   # a compiled copy per step parity
 
 1024 requests of 128 random prompt tokens / 128 greedy output tokens (ignore_eos,
 FINAL_ONLY, prefix cache reset each repetition), max_num_seqs 256, max_num_batched_tokens
@@ -43,23 +42,22 @@ def instrument(engine: Engine, spent: dict, forward_stats: dict) -> None:
         return run
 
     runner = engine.runner
+    forward = runner._forward
 
-    def forward_timed(forward):
-        def run(state, kv, buf, prev, layout):
-            running = not prev.is_ready()
-            t = time.perf_counter()
-            out = forward(state, kv, buf, prev, layout=layout)
-            spent["forward"] = spent.get("forward", 0.0) + time.perf_counter() - t
-            forward_stats["calls"] += 1
-            forward_stats["prev_running"] += running
-            forward_stats["prev_finished_meanwhile"] += running and prev.is_ready()
-            return out
-        return run
+    def forward_timed(state, kv, buf, prev, layout):
+        running = not prev.is_ready()
+        t = time.perf_counter()
+        out = forward(state, kv, buf, prev, layout=layout)
+        spent["forward"] = spent.get("forward", 0.0) + time.perf_counter() - t
+        forward_stats["calls"] += 1
+        forward_stats["prev_running"] += running
+        forward_stats["prev_finished_meanwhile"] += running and prev.is_ready()
+        return out
 
     import jaxengine.model_runner as model_runner
 
-    for programs in runner._programs:  # [forward, sampler] per executable copy
-        programs[:] = forward_timed(programs[0]), timed("sample", programs[1])
+    runner._forward = forward_timed
+    runner._sample = timed("sample", runner._sample)
     runner.prepare = timed("prepare", runner.prepare)
     model_runner.pack = timed("pack", model_runner.pack)
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
@@ -73,12 +71,10 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--no-timers", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--executable-copies", type=int, default=1, choices=[1, 2])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     engine = Engine(EngineConfig.from_kwargs(args.preset, max_num_seqs=256, max_num_batched_tokens=4096,
-                                             max_model_len=args.max_model_len,
-                                             executable_copies=args.executable_copies), progress=False)
+                                             max_model_len=args.max_model_len), progress=False)
     spent: dict[str, float] = {}
     forward_stats = {"calls": 0, "prev_running": 0, "prev_finished_meanwhile": 0}
     if not args.no_timers:
@@ -101,8 +97,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         if rep == 0:
             continue
-        result = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), executable_copies=args.executable_copies,
-                      output_tok_s=1024 * 128 / wall,
+        result = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), output_tok_s=1024 * 128 / wall,
                       ms_per_step=1e3 * wall / steps, steps=steps,
                       waiting_for_tokens_ms=1e3 * engine.timing["wait_seconds"] / steps,
                       per_step_ms={k: round(1e3 * v / steps, 3) for k, v in sorted(spent.items())}, **forward_stats)

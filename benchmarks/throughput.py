@@ -72,8 +72,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
 
     t0 = time.perf_counter()
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-              executable_copies=args.executable_copies, progress=False)
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size, progress=False)
     startup = time.perf_counter() - t0
     engine = llm.engine
     probe_prompts, _ = workload("mixed", vocab)
@@ -97,7 +96,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         "kv_tokens": engine.num_blocks * engine.config.block_size, "greedy_probe": probe,
         "first_token_agreement_with_dense": agree / len(check),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens, "executable_copies": args.executable_copies,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
     }
     results = []
     execute = engine._execute
@@ -219,8 +218,6 @@ def main() -> None:
                     help="async: schedule step N+1 while N runs (the default); sync: collect N first")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--executable-copies", type=int, default=1, choices=[1, 2],
-                    help="2: a compiled copy of the step's programs per step parity (jaxengine.model_runner)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--hf", action="store_true")

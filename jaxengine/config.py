@@ -49,9 +49,6 @@ class EngineConfig:
     # which is what limits a busy server (benchmarks/RESULTS.md, Serving).
     stream_interval: int = 1
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
-    # 2: even and odd steps run on separate compiled copies of the step's programs (an
-    # experiment, unmeasured: jaxengine.model_runner). Twice the programs to compile.
-    executable_copies: int = 1
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
     compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla")
 
@@ -69,8 +66,6 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.executable_copies not in (1, 2):
-            raise ValueError(f"executable_copies must be 1 or 2, got {self.executable_copies}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -177,7 +177,6 @@ class EngineCore:
             model, num_blocks=None, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_dtype=self.kv_dtype, attention_fn=_attention_fn(config.use_pallas), mesh=mesh,
-            executable_copies=config.executable_copies,
         )
         self.num_blocks = self._num_kv_blocks()
         if jax.process_count() > 1:  # every process must allocate the same cache

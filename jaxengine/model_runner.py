@@ -11,14 +11,6 @@ A step is two jitted calls, each given its host arrays as ONE packed int32 buffe
 (jaxengine.packing): the forward (the previous step's sampled tokens merged in, model, KV
 write) and the sampler. The sampler stays a call of its own so that its variants do not
 multiply the forward's compiled programs.
-
-`executable_copies=2` compiles the forward and sampler twice and runs even and odd steps
-on separate copies. An experiment, off by default and not yet measured on a GPU
-(benchmarks/RESULTS.md, next runs): on a GPU each program launches as CUDA graphs that
-record buffer addresses, and XLA re-points every node whose buffer moved since that
-program's last launch. If consecutive steps' temporaries land at two alternating addresses
-(a step is dispatched while the previous one runs), one copy is re-pointed at every launch
-and a copy per parity is not.
 """
 
 from __future__ import annotations
@@ -135,14 +127,10 @@ class ModelRunner:
         kv_dtype=jnp.bfloat16,
         attention_fn: Callable | None = None,
         mesh: jax.sharding.Mesh | None = None,
-        executable_copies: int = 1,
     ):
         """`mesh`: run tensor parallel over it (models.sharding): parameters are placed on their
         shards (a no-op when loaded that way), the KV cache is allocated split by KV head, and
-        attention runs per shard. None: everything on the weights' one device.
-        `executable_copies`: 1, or 2 for a copy of the step's programs per step parity."""
-        if executable_copies not in (1, 2):
-            raise ValueError(f"executable_copies must be 1 or 2, got {executable_copies}")
+        attention runs per shard. None: everything on the weights' one device."""
         cfg = model.config
         self.config = cfg
         self.block_size = block_size
@@ -175,13 +163,11 @@ class ModelRunner:
         graphdef = self.graphdef
         s_max = self.seq_buckets[-1]
 
-        def make_forward():  # a new function object per copy: jit then compiles it anew
-            def forward(state_leaves, kv_caches, buf, prev_token_ids, layout):  # -> logits [S, V] f32, caches
-                tokens, meta = _unpack_step(buf, layout, prev_token_ids)
-                model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
-                hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
-                return model.compute_logits(hidden[meta.logits_indices]), kv_caches
-            return forward
+        def forward(state_leaves, kv_caches, buf, prev_token_ids, layout):  # -> logits [S, V] f32, caches
+            tokens, meta = _unpack_step(buf, layout, prev_token_ids)
+            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
+            return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
         def forward_prompt(state_leaves, kv_caches, buf, prev_token_ids, rows, targets, layout):
             """forward, plus logprobs of the next prompt token at `rows` (prompt_logprobs)."""
@@ -191,28 +177,22 @@ class ModelRunner:
             lp = compute_logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches, lp
 
-        def make_sample_packed():
-            def sample_packed(logits, buf, layout, **variant) -> SamplerOutput:
-                """sample(), its tensors from one packed buffer; token_ids padded to [S_max] so the
-                next step's forward takes them in one shape whatever this step's S bucket."""
-                out = sample(logits, SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(buf, layout)))), **variant)
-                return dataclasses.replace(out, token_ids=jnp.pad(out.token_ids, (0, s_max - out.token_ids.shape[0])))
-            return sample_packed
+        def sample_packed(logits, buf, layout, **variant) -> SamplerOutput:
+            """sample(), its tensors from one packed buffer; token_ids padded to [S_max] so the
+            next step's forward takes them in one shape whatever this step's S bucket."""
+            out = sample(logits, SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(buf, layout)))), **variant)
+            return dataclasses.replace(out, token_ids=jnp.pad(out.token_ids, (0, s_max - out.token_ids.shape[0])))
 
         # With a mesh: logits gathered (replicated) for the sampler, caches kept split.
         kv_out = [kv_cache_sharding(mesh)] * cfg.num_layers if mesh is not None else None
-        forward_shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out)}
-        sample_shardings = {} if mesh is None else {"out_shardings": self.device}
-        # Per copy, [forward, sampler]; `execute` alternates between copies by step parity.
-        self._programs = [[
-            jax.jit(make_forward(), donate_argnums=(1,), static_argnames=("layout",), **forward_shardings),
-            jax.jit(make_sample_packed(), static_argnames=(
-                "layout", "num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"), **sample_shardings),
-        ] for _ in range(executable_copies)]
-        self._parity = 0
-        # Compiled on first use (per T, S and row bucket), one copy: prompt logprobs are rare.
+        shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out)}
+        self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames=("layout",), **shardings)
+        # Compiled on first use (per T, S and row bucket): prompt logprobs are rare.
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out, self.device)}
         self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), static_argnames=("layout",), **shardings)
+        shardings = {} if mesh is None else {"out_shardings": self.device}
+        self._sample = jax.jit(sample_packed, static_argnames=(
+            "layout", "num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"), **shardings)
         # The "previous step's tokens" of a step that has none: placed like the sampler's output.
         self.no_prev_tokens = jax.device_put(np.zeros(s_max, np.int32), self.device)
 
@@ -236,9 +216,8 @@ class ModelRunner:
         context, so the pool size does not change the activations)."""
         t = self.token_buckets[-1]
         buf, layout = self._forward_args(t, min(self.seq_buckets[-1], t))
-        forward = self._programs[0][0]
-        analysis = forward.lower(self.state, self._abstract_kv_cache(2), buf, self.no_prev_tokens,
-                                 layout=layout).compile().memory_analysis()
+        analysis = self._forward.lower(self.state, self._abstract_kv_cache(2), buf, self.no_prev_tokens,
+                                       layout=layout).compile().memory_analysis()
         return 0 if analysis is None else int(analysis.temp_size_in_bytes)
 
     def _abstract_kv_cache(self, num_blocks: int) -> list[jax.ShapeDtypeStruct]:
@@ -441,18 +420,16 @@ class ModelRunner:
         `prev_token_ids`: the running step's sampled tokens ([S_max], on the device), for
         inputs.token_src."""
         prompt = None
-        self._parity = (self._parity + 1) % len(self._programs)
-        forward, sample_packed = self._programs[self._parity]
         buf, layout = pack(_step_arrays(inputs))
         prev = self.no_prev_tokens if prev_token_ids is None else prev_token_ids
         if inputs.prompt_rows is None:
-            logits, self.kv_caches = forward(self.state, self.kv_caches, buf, prev, layout=layout)
+            logits, self.kv_caches = self._forward(self.state, self.kv_caches, buf, prev, layout=layout)
         else:
             logits, self.kv_caches, lp = self._forward_prompt(
                 self.state, self.kv_caches, buf, prev, inputs.prompt_rows, inputs.prompt_targets, layout=layout)
             prompt = PromptLogprobs(*lp)
         sampling, sampling_layout = pack([getattr(inputs.sampling, f) for f in _SAMPLING_FIELDS])
-        return sample_packed(
+        return self._sample(
             logits, sampling, layout=sampling_layout, num_logprobs=inputs.num_logprobs,
             use_top_k_top_p=inputs.use_top_k_top_p, use_penalties=inputs.use_penalties,
             all_greedy=inputs.all_greedy,
@@ -479,29 +456,26 @@ class ModelRunner:
             return (logits, buf), dict(layout=layout, num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
                                        use_penalties=False, all_greedy=all_greedy)
 
-        total = 2 * len(self._programs) * (len(pairs) + len(samplers))
-        with tqdm(total=total, desc="compiling", disable=not progress, unit="program") as bar:
+        with tqdm(total=2 * (len(pairs) + len(samplers)), desc="compiling", disable=not progress, unit="program") as bar:
             self.kv_caches = []  # no cache while compiling (a runner may be warmed up again)
-            for forward, sample_packed in self._programs:
-                for t, s in pairs:
-                    buf, layout = self._forward_args(t, s)
-                    forward.lower(self.state, abstract_kv, buf, self.no_prev_tokens, layout=layout).compile()
-                    bar.update()
-                for variant in samplers:
-                    args, kwargs = sampler_args(*variant)
-                    sample_packed.lower(*args, **kwargs).compile()
-                    bar.update()
+            for t, s in pairs:
+                buf, layout = self._forward_args(t, s)
+                self._forward.lower(self.state, abstract_kv, buf, self.no_prev_tokens, layout=layout).compile()
+                bar.update()
+            for variant in samplers:
+                args, kwargs = sampler_args(*variant)
+                self._sample.lower(*args, **kwargs).compile()
+                bar.update()
             self.allocate_kv_cache(num_blocks)
-            for forward, sample_packed in self._programs:
-                for t, s in pairs:
-                    buf, layout = self._forward_args(t, s)
-                    logits, self.kv_caches = forward(self.state, self.kv_caches, buf, self.no_prev_tokens, layout=layout)
-                    bar.update()
-                jax.block_until_ready(self.kv_caches)
-                for variant in samplers:
-                    args, kwargs = sampler_args(*variant)
-                    jax.block_until_ready(sample_packed(*args, **kwargs))
-                    bar.update()
+            for t, s in pairs:
+                buf, layout = self._forward_args(t, s)
+                logits, self.kv_caches = self._forward(self.state, self.kv_caches, buf, self.no_prev_tokens, layout=layout)
+                bar.update()
+            jax.block_until_ready(self.kv_caches)
+            for variant in samplers:
+                args, kwargs = sampler_args(*variant)
+                jax.block_until_ready(self._sample(*args, **kwargs))
+                bar.update()
         return time.perf_counter() - t0
 
     def model(self) -> CausalLM:
@@ -509,4 +483,4 @@ class ModelRunner:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, self.state))
 
     def num_compiled_programs(self) -> int:
-        return self._forward_prompt._cache_size() + sum(f._cache_size() + s._cache_size() for f, s in self._programs)
+        return self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()

@@ -83,31 +83,6 @@ def test_no_recompilation_after_warmup(llm):
     assert llm.engine.runner.num_compiled_programs() == compiled
 
 
-def test_two_executable_copies_same_output_no_recompilation(checkpoint):
-    """executable_copies=2: steps alternate between two separately compiled copies of the
-    step's programs (their own executables, so their own CUDA graphs on a GPU), both warmed
-    up: the same greedy tokens, both copies used, nothing compiled after warm-up."""
-    llm = _llm(checkpoint[0], executable_copies=2, compilation_cache_dir="")
-    runner = llm.engine.runner
-    (f0, s0), (f1, s1) = runner._programs
-    buf, layout = runner._forward_args(16, 8)
-    exe = [f.lower(runner.state, runner.kv_caches, buf, runner.no_prev_tokens, layout=layout).compile()
-           for f in (f0, f1)]
-    assert exe[0].runtime_executable() is not exe[1].runtime_executable()
-    compiled = runner.num_compiled_programs()
-    used = []
-    for k, (forward, sample_packed) in enumerate(runner._programs):
-        def counted(*a, _f=forward, _k=k, **kw):
-            used.append(_k)
-            return _f(*a, **kw)
-        runner._programs[k][0] = counted
-    assert _tokens(llm.generate(PROMPTS, GREEDY)) == checkpoint[1]
-    assert used.count(0) > 3 and used.count(1) > 3
-    assert all(a != b for a, b in zip(used, used[1:]))  # strictly alternating
-    runner._programs = [[f0, s0], [f1, s1]]
-    assert runner.num_compiled_programs() == compiled
-
-
 def test_max_tokens_and_stop_token_ids(llm, checkpoint):
     want = checkpoint[1][0]
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0))[0].outputs[0]

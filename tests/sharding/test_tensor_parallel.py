@@ -254,7 +254,7 @@ def test_collectives_are_xlas_and_few(checkpoint):
     name, path, _ = checkpoint
     runner = _llm(path, 4, 1).engine.runner
     buf, layout = runner._forward_args(16, 4)  # a step's packed host arrays, as execute packs them
-    hlo = runner._programs[0][0].lower(runner.state, runner.kv_caches, buf, runner.no_prev_tokens, layout=layout).compile().as_text()
+    hlo = runner._forward.lower(runner.state, runner.kv_caches, buf, runner.no_prev_tokens, layout=layout).compile().as_text()
     ops = re.findall(r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo)
     assert ops.count("all-reduce") == 1 + 2 * CONFIGS[name].num_layers, ops
     assert ops.count("all-gather") == 1 and "all-to-all" not in ops and "collective-permute" not in ops, ops
