@@ -1,5 +1,6 @@
 """Where the device time goes, from a `jax.profiler` trace: busy time per device, the gaps
-between kernels, and the kernels grouped by kind (attention, matmul, collective, other).
+between kernels, the kernels grouped by kind (attention, matmul, collective, other), and the
+host's dispatch spans (e.g. XLA's `command_buffer::update`).
 
     python benchmarks/profile_summary.py TRACE_DIR          # the log_dir given to jax.profiler.trace
     python benchmarks/throughput.py ... --profile $OUT/trace # records one and prints this
@@ -40,7 +41,8 @@ def _trace_file(trace_dir: Path) -> Path:
 
 def summarize(trace_dir: str | Path, top: int = 40) -> dict:
     """{"devices": {name: {busy_s, span_s, idle_fraction}}, "kinds": {kind: seconds},
-    "top": [(kernel, seconds, calls)]}, over the device streams (or the CPU's XLA threads).
+    "top": [(kernel, seconds, calls)], "host": [(span, seconds, calls)]}, the kernels over the
+    device streams (or the CPU's XLA threads), the host spans over the other threads.
     "kinds" and "top" sum over all devices: divide by their count for one device's share."""
     with gzip.open(_trace_file(Path(trace_dir))) as f:
         trace = json.load(f)
@@ -79,7 +81,17 @@ def summarize(trace_dir: str | Path, top: int = 40) -> dict:
     for name, (seconds, _) in by_name.items():
         kinds[kind_of(name)] += seconds
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
-    return dict(devices=devices, kinds=dict(kinds), top=[(name, s, n) for name, (s, n) in ranked])
+    # The host side of dispatch: JAX's and XLA's own spans (jit dispatch, argument handling,
+    # executable launch, command-buffer updates), not the Python frames ("$file:line fn").
+    host: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith("$") and not is_kernel(e):
+            acc = host[e["name"]]
+            acc[0] += e["dur"] * 1e-6
+            acc[1] += 1
+    host_ranked = sorted(host.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(devices=devices, kinds=dict(kinds), top=[(name, s, n) for name, (s, n) in ranked],
+                host=[(name, s, n) for name, (s, n) in host_ranked])
 
 
 def print_summary(summary: dict) -> None:
@@ -90,6 +102,9 @@ def print_summary(summary: dict) -> None:
                                   for k, v in sorted(summary["kinds"].items(), key=lambda kv: -kv[1])))
     for name, seconds, calls in summary["top"]:
         print(f"  {seconds * 1e3:9.2f} ms {calls:6d}x  {kind_of(name):10} {name[:90]}")
+    print("host spans (dispatch):")
+    for name, seconds, calls in summary.get("host", [])[:20]:
+        print(f"  {seconds * 1e3:9.2f} ms {calls:6d}x  {name[:100]}")
 
 
 def main() -> None:
