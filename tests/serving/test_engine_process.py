@@ -203,8 +203,9 @@ def _steps(engine) -> int:
 def test_stop_string_matched_in_the_client_stops_the_engine(engine_process, tiny_model):
     """The engine process sends token ids only; the client's OutputProcessor detokenizes,
     matches the stop string and has the engine stop the request: the same text, tokens and
-    stop reason as offline, and the engine stops within a step or two of the match instead
-    of running on to max_tokens. Prompt logprobs cross the process too."""
+    stop reason as offline, and the engine stops within a few steps of the match instead of
+    running on to max_tokens (how many depends on how soon the client process gets a CPU).
+    Prompt logprobs cross the process too."""
     greedy = jaxengine.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     text = jaxengine.generate(PROMPTS[0], greedy, model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0].text
     assert len(text) > 12
@@ -219,7 +220,7 @@ def test_stop_string_matched_in_the_client_stops_the_engine(engine_process, tiny
     assert tokens == want.outputs[0].token_ids and got_text == want.outputs[0].text
     last = outs[-1].outputs[0]
     assert last.finish_reason == "stop" and last.stop_reason == stop
-    assert steps <= len(tokens) + 3 < 100, steps
+    assert steps <= len(tokens) + 10 < 100, steps
     assert stats["used_blocks"] == 0 and not stats["unfinished"]
     got_lp, want_lp = outs[-1].prompt_logprobs, want.prompt_logprobs
     assert got_lp[0] is None and len(got_lp) == len(want_lp) == len(want.prompt_token_ids)
