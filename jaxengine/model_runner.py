@@ -79,6 +79,7 @@ class _RequestRow:
     slot: int  # its row of ModelRunner._tables and ._static (0 is the padding row)
     num_blocks: int  # how much of its block table is written there
     special: bool  # logit bias, min_tokens, penalties or logprobs: per-step sampling work
+    prompt_logprobs: bool  # it answers prompt_logprobs (the first sample of its request)
 
 
 # _static_sampling of a padding row: greedy, every filter and penalty off.
@@ -268,16 +269,19 @@ class ModelRunner:
         tokens: list[int] = []
         starts: list[int] = []  # per request: its first position this step
         cu = [0]
-        row_slots = np.zeros(s_pad, np.intp)  # padding rows read slot 0
+        slots: list[int] = []  # per request: its row of _tables / _static
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_slots: list[tuple[str, int]] = []
         pending: list[tuple[int, int]] = []  # (flat row, row in the previous step's output)
         special: list[int] = []  # rows with per-step sampling work
-        for r, s in enumerate(sched):
+        rows = self._rows
+        for r, s in enumerate(sched):  # ~256 times a step: kept lean (no call on the common path)
             n, start, req = s.num_tokens, s.start_position, s.request
-            row = self._table_row(s, seeds)
-            row_slots[r] = row.slot
+            row = rows.get(req.request_id)
+            if row is None or s.is_new or len(s.block_ids) != row.num_blocks:
+                row = self._table_row(s, seeds)
+            slots.append(row.slot)
             if row.special:
                 special.append(r)
             all_ids = req.all_token_ids
@@ -289,7 +293,7 @@ class ModelRunner:
                     tokens.append(0)
             else:
                 tokens += all_ids[start : start + n]
-            if req.sampling_params.prompt_logprobs is not None and req.sample_index == 0:
+            if row.prompt_logprobs and start < req.num_prompt_tokens - 1:
                 # Row start+i predicts the prompt token at start+i+1 (n > 1 children share one answer).
                 for i in range(min(n, req.num_prompt_tokens - 1 - start)):
                     prompt_rows.append(cu[-1] + i)
@@ -297,6 +301,8 @@ class ModelRunner:
                     prompt_slots.append((req.request_id, start + i + 1))
             starts.append(start)
             cu.append(cu[-1] + n)
+        row_slots = np.zeros(s_pad, np.intp)  # padding rows read slot 0
+        row_slots[:num_seqs] = slots
 
         def padded(values, size: int, fill: int) -> np.ndarray:
             arr = np.full(size, fill, np.int32)
@@ -342,7 +348,8 @@ class ModelRunner:
                 self._free_slots.append(row.slot)
             p = s.request.sampling_params
             special = bool(p.logit_bias or p.min_tokens or p.has_penalties or p.logprobs)
-            row = self._rows[rid] = _RequestRow(self._take_slot(), 0, special)
+            prompt_lp = p.prompt_logprobs is not None and s.request.sample_index == 0
+            row = self._rows[rid] = _RequestRow(self._take_slot(), 0, special, prompt_lp)
             self._tables[row.slot] = 0
             self._static[row.slot] = _static_sampling(s.request, seeds[rid])
         if len(s.block_ids) != row.num_blocks:
