@@ -90,3 +90,30 @@ def test_a_closed_client_reads_as_closed(pair):
     assert got == [("leave",)] and closed
     link.send(("left",))
     link.flush()  # to a closed peer: no error, nothing hangs
+
+
+def test_messages_arriving_a_byte_at_a_time(pair):
+    """Frames split anywhere (inside the length, inside the pickle), and the long-length form
+    (-1, then 8 bytes), parse; each message comes out with its last byte, not before."""
+    import os
+    import pickle
+    import select
+    import struct
+
+    link, client = pair
+    msgs = [("abort", "r-1"), ("call", 7, None, ()), ("stop_strings", [("r-2", "\n\n")])]
+    data = [pickle.dumps(m) for m in msgs]
+    frames = [struct.pack("!i", len(data[0])) + data[0],
+              struct.pack("!i", -1) + struct.pack("!Q", len(data[1])) + data[1],
+              struct.pack("!i", len(data[2])) + data[2]]
+    stream = b"".join(frames)
+    ends = [sum(map(len, frames[: k + 1])) for k in range(len(frames))]  # byte count completing each
+    got, completed_at = [], []
+    for i in range(len(stream)):
+        os.write(client.fileno(), stream[i: i + 1])
+        assert select.select([link.sock], [], [], 5)[0]
+        new, closed = link.read()
+        assert not closed
+        got += new
+        completed_at += [i + 1] * len(new)
+    assert got == msgs and completed_at == ends
