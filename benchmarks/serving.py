@@ -115,11 +115,14 @@ def run_load(target, reqs, rate, max_concurrency, seed, api_key=None, num_channe
     return asyncio.run(_load(target, reqs, rate, max_concurrency, seed, api_key, num_channels, start_at))
 
 
-def run_load_split(pool, num_procs: int, target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4):
+def run_load_split(pool, num_procs: int, target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4,
+                   start_at: float | None = None):
     """The load spread over `num_procs` client processes of `pool` (one Python process
     receives ~10 k streamed messages/s): each sends every num_procs-th request, at
-    rate / num_procs (Poisson arrivals merge into Poisson at `rate`), all from one start."""
-    start_at = time.perf_counter() + 1.0  # time for idle pool processes to pick their part up
+    rate / num_procs (Poisson arrivals merge into Poisson at `rate`), all from `start_at`
+    (time.perf_counter(); default: in a second, time for idle pool processes to start)."""
+    if start_at is None:
+        start_at = time.perf_counter() + 1.0
     per_proc = None if max_concurrency is None else max(1, math.ceil(max_concurrency / num_procs))
     parts = [pool.submit(run_load, target, reqs[i::num_procs], rate / num_procs, per_proc, seed + i, api_key,
                          num_channels, start_at) for i in range(num_procs)]
@@ -168,6 +171,8 @@ def print_summary(name: str, s: dict) -> None:
                  ("Steps the host made the device wait (%)", f"{100 * s['engine']['host_bound_fraction']:.1f}"),
                  ("Engine loop s: steps / commands / outputs", "{seconds_in_step:.3f} / {seconds_in_commands:.3f} / "
                                                                "{seconds_in_outputs:.3f}".format(**s["engine"])),
+                 ("Engine idle s: before first / after last",
+                  f"{s['engine'].get('ramp_s', float('nan')):.3f} / {s['engine'].get('tail_s', float('nan')):.3f}"),
                  ("Engine requests running / waiting, mean", f"{s['engine'].get('mean_running', float('nan')):.1f} / "
                                                               f"{s['engine'].get('mean_waiting', float('nan')):.1f}")]
     for label, key in (("Time to First Token", "ttft_ms"), ("Time per Output Token (excl. 1st token)", "tpot_ms"),
@@ -371,13 +376,19 @@ def main(argv: list[str] | None = None) -> int:
         done = threading.Event()
         watcher = concurrent.futures.ThreadPoolExecutor(1).submit(_watch_queue, async_engine, done) \
             if async_engine is not None else None
+        start_at = time.perf_counter() + 1.0
         records, duration = run_load_split(pool, nproc, target, reqs, rate, args.max_concurrency, args.bench_seed,
-                                           args.api_key, args.num_channels)
+                                           args.api_key, args.num_channels, start_at)
         done.set()
         s = summarize(records, duration)
         if before is not None:
-            s["engine"] = _engine_delta(before, async_engine.call(_timing).result(), s["total_output_tokens"], duration)
+            after = async_engine.call(_timing).result()
+            s["engine"] = _engine_delta(before, after, s["total_output_tokens"], duration)
             s["engine"].update(_queue_summary(watcher.result()))
+            if math.isinf(rate) and "busy_start" in after:  # one busy spell: where the run's ends went
+                # perf_counter is one clock for every process on Linux (CLOCK_MONOTONIC)
+                s["engine"].update(ramp_s=after["busy_start"] - start_at,
+                                   tail_s=start_at + duration - after["busy_end"])
         print_summary(name, s)
         return s
 

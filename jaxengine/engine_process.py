@@ -291,7 +291,8 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
         conn.send(("ready", info))
     clients = _Clients(engine, conns)
     # The loop's time beside the steps (a dict beside the engine's own `timing`, which a
-    # DataParallelEngine lacks): what serving costs the engine process per step.
+    # DataParallelEngine lacks): what serving costs the engine process per step; and when
+    # the last busy spell started and ended (time.perf_counter()).
     timing = getattr(engine, "timing", None)
     timing = timing if isinstance(timing, dict) else {}
     timing.update(commands_seconds=0.0, outputs_seconds=0.0)
@@ -306,6 +307,8 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
                 break
             if not engine.has_unfinished_requests():
                 continue
+            if not busy:  # a busy spell starts: its first request is in
+                timing["busy_start"] = clock()
             try:
                 out = engine.step_core()
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
@@ -316,6 +319,8 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
                 t0 = clock()
                 clients.outputs(out)
                 timing["outputs_seconds"] += clock() - t0
+            if not engine.has_unfinished_requests():  # ... and ends: the last outputs are sent
+                timing["busy_end"] = clock()
     except (EOFError, OSError):  # the parent is gone
         pass
     finally:
