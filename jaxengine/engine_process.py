@@ -300,7 +300,7 @@ def _child_main(config: EngineConfig, conns: list, progress: bool) -> None:
     try:
         while True:
             t0, busy = clock(), engine.has_unfinished_requests()
-            stop = clients.handle_commands()
+            stop = clients.handle_commands(wait=not busy)
             if busy:  # not the wait for work when idle
                 timing["commands_seconds"] += clock() - t0
             if stop:
@@ -345,9 +345,10 @@ class _Clients:
         # Requests (ids as added, and their samples' ids) not yet finished -> their connection.
         self.owner: dict[str, int] = {}
 
-    def handle_commands(self) -> bool:
-        """Run every command waiting (block briefly when the engine is idle); True on stop."""
-        timeout = 0.0 if self.engine.has_unfinished_requests() else 0.5
+    def handle_commands(self, wait: bool) -> bool:
+        """Run every command waiting (`wait`: the engine is idle, block briefly for one);
+        True on stop."""
+        timeout = 0.5 if wait else 0.0
         try:
             while ready := self.selector.select(timeout):
                 timeout = 0.0
