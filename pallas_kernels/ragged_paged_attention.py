@@ -5,7 +5,9 @@ straight from the paged cache through the block tables.
 Semantics are those of `ragged_paged_attention_reference` (same signature, same
 docstring); the cache layout is written down in `pallas_kernels.kv_cache`:
 `[2, Hkv, num_pages, page_size, D]`, so one program that owns one KV head reads whole
-pages (`page_size * D` contiguous elements) with wide coalesced loads.
+pages (`page_size * D` contiguous elements) with wide coalesced loads. A KV tile is loaded
+as one [block_kv, D] gather (each key row's page looked up in the block table), so the
+load feeds the dot directly, with no reshape between them.
 
 Backend: the Pallas *Triton* lowering (`jax.experimental.pallas.triton`), not Mosaic GPU.
 - Tests: the suite runs every kernel in Pallas interpret mode on CPU under jax 0.10.2.
@@ -124,12 +126,16 @@ def _kernel(
         scale = sm_scale if soft_cap is not None else sm_scale * _LOG2E
         neg_inf = jnp.float32(-jnp.inf)
 
+        key_in_block = jnp.arange(block_kv, dtype=jnp.int32)
+
         def step(j, carry, masked):
             acc, m_i, l_i = carry
-            pages = pages_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
-            pages = jnp.clip(pages, 0, num_pages - 1)
-            k = k_ref[pages].reshape(block_kv, d)
-            v = v_ref[pages].reshape(block_kv, d)
+            # Each key row's page and offset, so K/V load as [block_kv, D] tiles straight
+            # from their pointers (no reshape between the load and the dot).
+            page = pages_ref[seq, j * pages_per_block + key_in_block // page_size]
+            page = jnp.clip(page, 0, num_pages - 1)
+            k = k_ref[page, key_in_block % page_size, :]
+            v = v_ref[page, key_in_block % page_size, :]
 
             s = pltriton.dot(q, k, trans_b=True, precision=dot_precision) * scale
             if soft_cap is not None:
