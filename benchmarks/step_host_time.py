@@ -1,6 +1,6 @@
 """Host time per engine step, by part, offline and in-process: where a host-bound step goes.
 
-    python3 benchmarks/step_host_time.py [--preset llama-3.2-1b] [--no-timers] [--out FILE]
+    python3 benchmarks/step_host_time.py [--preset llama-3.2-1b] [--no-timers] [--num-scheduler-steps K] [--out FILE]
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/step_host_time.py   # CUDA graphs off
 
 1024 requests of 128 random prompt tokens / 128 greedy output tokens (ignore_eos,
@@ -58,6 +58,7 @@ def instrument(engine: Engine, spent: dict, forward_stats: dict) -> None:
 
     runner._forward = forward_timed
     runner._sample = timed("sample", runner._sample)
+    runner.execute_multi = timed("multi_step_dispatch", runner.execute_multi)
     runner.prepare = timed("prepare", runner.prepare)
     model_runner.pack = timed("pack", model_runner.pack)
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
@@ -71,10 +72,12 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--no-timers", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--num-scheduler-steps", type=int, default=1, help="engine arg: decode steps per dispatch")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     engine = Engine(EngineConfig.from_kwargs(args.preset, max_num_seqs=256, max_num_batched_tokens=4096,
-                                             max_model_len=args.max_model_len), progress=False)
+                                             max_model_len=args.max_model_len,
+                                             num_scheduler_steps=args.num_scheduler_steps), progress=False)
     spent: dict[str, float] = {}
     forward_stats = {"calls": 0, "prev_running": 0, "prev_finished_meanwhile": 0}
     if not args.no_timers:
@@ -98,7 +101,8 @@ def main() -> None:
         if rep == 0:
             continue
         result = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), output_tok_s=1024 * 128 / wall,
-                      ms_per_step=1e3 * wall / steps, steps=steps,
+                      ms_per_step=1e3 * wall / steps, steps=steps, forward_passes=engine.timing["steps"],
+                      num_scheduler_steps=args.num_scheduler_steps,
                       waiting_for_tokens_ms=1e3 * engine.timing["wait_seconds"] / steps,
                       per_step_ms={k: round(1e3 * v / steps, 3) for k, v in sorted(spent.items())}, **forward_stats)
         print(json.dumps(result), flush=True)

@@ -58,8 +58,11 @@ def replay_device_seconds(engine, recorded) -> float:
     out = None
     jax.block_until_ready(runner.kv_caches)
     t0 = time.perf_counter()
-    for inputs, had_prev in recorded:
-        out = runner.execute(inputs, runner.no_prev_tokens if had_prev else None)
+    for inputs, had_prev, num_steps in recorded:
+        if num_steps > 1:
+            out = runner.execute_multi(inputs, num_steps, runner.no_prev_tokens if had_prev else None)
+        else:
+            out = runner.execute(inputs, runner.no_prev_tokens if had_prev else None)
     jax.block_until_ready((out, runner.kv_caches))
     return time.perf_counter() - t0
 
@@ -72,7 +75,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
 
     t0 = time.perf_counter()
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size, progress=False)
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+              num_scheduler_steps=args.num_scheduler_steps, progress=False)
     startup = time.perf_counter() - t0
     engine = llm.engine
     probe_prompts, _ = workload("mixed", vocab)
@@ -96,10 +100,10 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         "kv_tokens": engine.num_blocks * engine.config.block_size, "greedy_probe": probe,
         "first_token_agreement_with_dense": agree / len(check),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_batched_tokens": args.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
     }
     results = []
-    execute = engine._execute
+    execute, execute_multi = engine._execute, engine.runner.execute_multi
     for kind, scheduling in runs:
         prompts, out_lens = workload(kind, vocab)
         prompts, out_lens = prompts[: args.num_requests], out_lens[: args.num_requests]
@@ -108,16 +112,20 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         recorded = []
 
         def recording(inputs, prev=None):
-            recorded.append((inputs, prev is not None))
+            recorded.append((inputs, prev is not None, 1))
             return execute(inputs, prev) if prev is not None else execute(inputs)
 
-        engine._execute = recording
+        def recording_multi(inputs, num_steps, prev=None):
+            recorded.append((inputs, prev is not None, num_steps))
+            return execute_multi(inputs, num_steps, prev)
+
+        engine._execute, engine.runner.execute_multi = recording, recording_multi
         params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in out_lens]
         engine.timing.update({k: 0 for k in engine.timing})
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
-        engine._execute = execute
+        engine._execute, engine.runner.execute_multi = execute, execute_multi
         device_s = replay_device_seconds(engine, recorded)
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         n_in = sum(map(len, prompts))
@@ -220,6 +228,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--num-scheduler-steps", type=int, default=1,
+                    help="decode steps per dispatch when every running request decodes (engine arg)")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--hf-requests", type=int, default=256)
     ap.add_argument("--hf-batch", type=int, default=64)

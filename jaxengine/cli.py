@@ -21,6 +21,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-parallel-size", type=int, default=1)
     g.add_argument("--stream-interval", type=int, default=1,
                    help="streams send a message per this many new tokens (first and last at once)")
+    g.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps per dispatch when every running request decodes (1: off)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -29,7 +31,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
-        stream_interval=args.stream_interval,
+        stream_interval=args.stream_interval, num_scheduler_steps=args.num_scheduler_steps,
     )
 
 

@@ -43,6 +43,13 @@ class EngineConfig:
     host_loop_on_process_zero: bool = False
     # Schedule step N+1 while step N runs on the device (vLLM V1's async scheduling).
     async_scheduling: bool = True
+    # Decode steps per dispatch (vLLM V0's num_scheduler_steps): when every running request
+    # is decoding, nobody waits and no request needs per-step sampling work (penalties,
+    # logit bias, min_tokens, logprobs), one program runs this many forward + sample steps,
+    # each step's tokens feeding the next. It pays the host's per-step cost (schedule,
+    # prepare, dispatch, update) once per that many tokens. Stops are applied afterwards: a
+    # request that ends inside the run drops its later tokens. 1 = off.
+    num_scheduler_steps: int = 1
     # Streams (AsyncEngine, EngineProcess, the gRPC service): a request's next message waits
     # for this many new tokens (its first tokens and its end go at once), as vLLM's
     # stream_interval. 1 sends every step; larger values trade smoothness for fewer messages,
@@ -62,7 +69,7 @@ class EngineConfig:
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size",
-                     "stream_interval"):
+                     "stream_interval", "num_scheduler_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

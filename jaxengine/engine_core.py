@@ -37,7 +37,7 @@ from jaxengine.model_runner import ModelRunner
 from jaxengine.outputs import Logprob
 from jaxengine.request import Request, RequestStatus
 from jaxengine.sampling_params import SamplingParams
-from jaxengine.scheduler import Scheduler, SchedulerConfig
+from jaxengine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxengine.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 from models import PRESETS, CausalLM, ModelConfig, load_model, random_model
 from models.sharding import DP, TP, make_mesh
@@ -52,7 +52,8 @@ class CoreOutputs:
     """One step's news, by request id (the samples' ids for n > 1: "<id>-<i>"). Plain
     columns and dicts: cheap to build on the step loop and to pickle to a front-end."""
 
-    req_ids: list[str] = dataclasses.field(default_factory=list)  # requests that got a token
+    # Requests that got a token, once per token (several times after a multi-step decode).
+    req_ids: list[str] = dataclasses.field(default_factory=list)
     token_ids: list[int] = dataclasses.field(default_factory=list)  # [len(req_ids)] that token
     # Finished this step (aborts and stop strings included): (RequestStatus, stop_reason).
     finished: dict[str, tuple[int, int | str | None]] = dataclasses.field(default_factory=dict)
@@ -177,6 +178,7 @@ class EngineCore:
             model, num_blocks=None, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_dtype=self.kv_dtype, attention_fn=_attention_fn(config.use_pallas), mesh=mesh,
+            num_scheduler_steps=config.num_scheduler_steps,
         )
         self.num_blocks = self._num_kv_blocks()
         if jax.process_count() > 1:  # every process must allocate the same cache
@@ -351,27 +353,29 @@ class EngineCore:
     def _step_async(self):
         """Schedule and dispatch step N+1 while N runs (its sampled tokens are fed to N+1
         on the device), then collect N. A request that ends at N (EOS, stop token, length,
-        stop string) has already been given one more token in N+1: update() drops it."""
+        stop string) has already been given one more token (run) in N+1: update() drops it."""
         t0 = time.perf_counter()
         prev_out, prev_inputs, (prev_result, prev_prompt) = self._in_flight
-        nxt = self.scheduler.schedule()
+        # The tokens N+1 continues from: N's last step's (one row per request).
+        prev_tokens = prev_result[-1] if prev_out.num_steps > 1 else prev_result.token_ids
+        num_steps = self._multi_steps()
+        nxt = self.scheduler.schedule(num_steps)
         new = None
         if nxt.scheduled:
             prev_rows = {s.request.request_id: i for i, s in enumerate(prev_out.scheduled) if s.sample}
             inputs = self.runner.prepare(nxt, self._seeds, prev_rows)
-            new = (nxt, inputs, self._execute(inputs, prev_result.token_ids))
+            new = (nxt, inputs, self._dispatch(inputs, nxt.num_steps, prev_tokens))
             self._mark_scheduled(nxt)
         t_dispatch = time.perf_counter()
-        token_ids = np.asarray(prev_result.token_ids)  # waits for step N
+        sampled, before = self._collect(prev_out, prev_result)  # waits for step N
         wait = time.perf_counter() - t_dispatch
         if wait < 1e-4:  # N was done before N+1 was queued: the device may have idled
             self.timing["host_bound_steps"] += 1
             self.timing["critical_seconds"] += t_dispatch - t0
         self.timing["wait_seconds"] += wait
-        sampled = {s.request.request_id: [int(token_ids[i])] for i, s in enumerate(prev_out.scheduled) if s.sample}
         updated = self.scheduler.update(prev_out, sampled)
         self._in_flight = new
-        return prev_out, prev_inputs, prev_result, prev_prompt, updated
+        return prev_out, prev_inputs, prev_result, prev_prompt, updated, before
 
     def _step_sync(self):
         """One iteration, pipelined so the device never waits for output processing:
@@ -384,25 +388,58 @@ class EngineCore:
         if self._in_flight is not None:
             out, inputs, (result, prompt_lp) = self._in_flight
             self._in_flight = None
-            token_ids = np.asarray(result.token_ids)  # waits for the device
+            sampled, before = self._collect(out, result)  # waits for the device
             t_ready = time.perf_counter()
             wait = t_ready - t0
             self.timing["wait_seconds"] += wait
             self.timing["host_bound_steps"] += wait < 1e-4  # the device finished before we looked
-            sampled = {s.request.request_id: [int(token_ids[i])] for i, s in enumerate(out.scheduled) if s.sample}
-            done = (out, inputs, result, prompt_lp, self.scheduler.update(out, sampled))
+            done = (out, inputs, result, prompt_lp, self.scheduler.update(out, sampled), before)
         else:
             t_ready = t0
-        nxt = self.scheduler.schedule()
+        nxt = self.scheduler.schedule(self._multi_steps())
         if nxt.scheduled:
             inputs = self.runner.prepare(nxt, self._seeds)
-            self._in_flight = (nxt, inputs, self._execute(inputs))
+            self._in_flight = (nxt, inputs, self._dispatch(inputs, nxt.num_steps))
             self.timing["critical_seconds"] += time.perf_counter() - t_ready
             self._mark_scheduled(nxt)
         return done
 
+    def _dispatch(self, inputs, num_steps: int, prev_tokens=None):
+        """Run a step (or a multi-step decode) on the device: (result, prompt logprobs)."""
+        if num_steps > 1:
+            return self.runner.execute_multi(inputs, num_steps, prev_tokens), None
+        return self._execute(inputs) if prev_tokens is None else self._execute(inputs, prev_tokens)
+
+    @staticmethod
+    def _collect(out: SchedulerOutput, result) -> tuple[dict[str, list[int]], dict[str, int] | None]:
+        """A dispatched step's sampled tokens per request (waits for the device), and for a
+        multi-step decode each request's output length before them."""
+        if out.num_steps == 1:
+            token_ids = np.asarray(result.token_ids)
+            return {s.request.request_id: [int(token_ids[i])] for i, s in enumerate(out.scheduled) if s.sample}, None
+        columns = np.asarray(result).T.tolist()  # [num_steps, S_max]: a column per request
+        sampled = {s.request.request_id: columns[i] for i, s in enumerate(out.scheduled)}
+        return sampled, {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
+
+    def _multi_steps(self) -> int:
+        """num_scheduler_steps if the next step can run them all in one program: every running
+        request decodes (none mid-prefill, none waiting to be admitted), has room for that many
+        more tokens and needs no per-step sampling work; else 1."""
+        k = self.config.num_scheduler_steps
+        sched = self.scheduler
+        if k == 1 or sched.waiting or self._leader is not None or not sched.running:
+            return 1
+        limit = self.max_model_len - k
+        for req in sched.running:
+            n = len(req.all_token_ids) + req.num_pending  # with the tokens still on the device
+            p = req.sampling_params
+            if (req.num_computed_tokens != n - 1 or n > limit or p.logprobs is not None
+                    or p.logit_bias or p.min_tokens or p.has_penalties or p.prompt_logprobs is not None):
+                return 1
+        return k
+
     def _mark_scheduled(self, out) -> None:
-        self.timing["steps"] += 1
+        self.timing["steps"] += out.num_steps  # forward passes (a multi-step decode runs several)
         now = time.monotonic()
         for s in out.scheduled:
             req = s.request
@@ -416,7 +453,7 @@ class EngineCore:
         finished = self._finished_outside
         self._finished_outside = []
         if collected is not None:
-            sched, inputs, result, prompt_lp, updated = collected
+            sched, inputs, result, prompt_lp, updated, before = collected
             if prompt_lp is not None:
                 out.prompt_logprobs = self._prompt_logprobs(inputs, jax.tree.map(np.asarray, prompt_lp))
             host = None
@@ -424,9 +461,14 @@ class EngineCore:
                 host = jax.tree.map(np.asarray, result)
                 rows = {s.request.request_id: i for i, s in enumerate(sched.scheduled)}
             req_ids, token_ids = out.req_ids, out.token_ids
-            for req in updated:  # one new token each
-                req_ids.append(req.request_id)
-                token_ids.append(req.output_token_ids[-1])
+            for req in updated:  # one new token each (several after a multi-step decode)
+                if before is None:
+                    req_ids.append(req.request_id)
+                    token_ids.append(req.output_token_ids[-1])
+                else:
+                    new = req.output_token_ids[before[req.request_id]:]
+                    req_ids += [req.request_id] * len(new)
+                    token_ids += new
                 if req.is_finished:
                     finished.append(req)
                 k = req.sampling_params.logprobs

@@ -11,6 +11,12 @@ A step is two jitted calls, each given its host arrays as ONE packed int32 buffe
 (jaxengine.packing): the forward (the previous step's sampled tokens merged in, model, KV
 write) and the sampler. The sampler stays a call of its own so that its variants do not
 multiply the forward's compiled programs.
+
+With `num_scheduler_steps` k > 1, a decode-only step without per-step sampling work can
+instead run as ONE program of k forward + sample steps (`execute_multi`): each step's
+sampled tokens are the next one's inputs, its positions and KV slots one further on. It
+is compiled per decode bucket and per plain sampler variant (greedy, temperature,
+top-k/top-p) at start-up.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ class ModelRunner:
         kv_dtype=jnp.bfloat16,
         attention_fn: Callable | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        num_scheduler_steps: int = 1,
     ):
         """`mesh`: run tensor parallel over it (models.sharding): parameters are placed on their
         shards (a no-op when loaded that way), the KV cache is allocated split by KV head, and
@@ -163,6 +170,8 @@ class ModelRunner:
         self.seq_buckets = sorted({min(s, max_num_seqs) for s in (16, 64)} | {max_num_seqs})
         graphdef = self.graphdef
         s_max = self.seq_buckets[-1]
+        self.num_scheduler_steps = num_scheduler_steps
+        block_size, max_pages = self.block_size, self.max_pages
 
         def forward(state_leaves, kv_caches, buf, prev_token_ids, layout):  # -> logits [S, V] f32, caches
             tokens, meta = _unpack_step(buf, layout, prev_token_ids)
@@ -184,6 +193,41 @@ class ModelRunner:
             out = sample(logits, SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(buf, layout)))), **variant)
             return dataclasses.replace(out, token_ids=jnp.pad(out.token_ids, (0, s_max - out.token_ids.shape[0])))
 
+        def multi_decode(state_leaves, kv_caches, buf, sampling_buf, prev_token_ids, layout, sampling_layout,
+                         num_steps, use_top_k_top_p, all_greedy):  # -> token ids [num_steps, S_max], caches
+            """num_steps decode steps of a decode-only batch (token i is row i): each step's
+            sampled tokens are the next one's inputs, one position and KV slot further on."""
+            tokens, meta = _unpack_step(buf, layout, prev_token_ids)
+            tensors = SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(sampling_buf, sampling_layout))))
+            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+            t, s = tokens.shape[0], meta.kv_lens.shape[0]
+            real_tok = jnp.arange(t) < meta.num_seqs[0]  # [T]
+            real_row = jnp.arange(s) < meta.num_seqs[0]  # [S]
+            row_of_tok = jnp.minimum(jnp.arange(t), s - 1)
+
+            def one_step(i, carry):
+                tokens, meta, kv_caches, out = carry
+                hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
+                logits = model.compute_logits(hidden[meta.logits_indices])
+                sampled = sample(logits, dataclasses.replace(tensors, positions=tensors.positions + i),
+                                 use_top_k_top_p=use_top_k_top_p, use_penalties=False,
+                                 all_greedy=all_greedy).token_ids  # [S]
+                out = out.at[i, :s].set(sampled)
+                pos = meta.positions + 1
+                page = meta.page_indices[row_of_tok, jnp.minimum(pos // block_size, max_pages - 1)]
+                meta = dataclasses.replace(  # padding tokens keep writing into the null page
+                    meta,
+                    positions=jnp.where(real_tok, pos, meta.positions),
+                    slot_mapping=jnp.where(real_tok, page * block_size + pos % block_size, meta.slot_mapping),
+                    kv_lens=jnp.where(real_row, meta.kv_lens + 1, meta.kv_lens),
+                )
+                tokens = jnp.where(real_tok, jnp.pad(sampled, (0, max(t - s, 0)))[:t], tokens)
+                return tokens, meta, kv_caches, out
+
+            out = jnp.zeros((num_steps, s_max), jnp.int32)
+            _, _, kv_caches, out = jax.lax.fori_loop(0, num_steps, one_step, (tokens, meta, kv_caches, out))
+            return out, kv_caches
+
         # With a mesh: logits gathered (replicated) for the sampler, caches kept split.
         kv_out = [kv_cache_sharding(mesh)] * cfg.num_layers if mesh is not None else None
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out)}
@@ -194,6 +238,9 @@ class ModelRunner:
         shardings = {} if mesh is None else {"out_shardings": self.device}
         self._sample = jax.jit(sample_packed, static_argnames=(
             "layout", "num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"), **shardings)
+        shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out)}
+        self._multi_decode = jax.jit(multi_decode, donate_argnums=(1,), static_argnames=(
+            "layout", "sampling_layout", "num_steps", "use_top_k_top_p", "all_greedy"), **shardings)
         # The "previous step's tokens" of a step that has none: placed like the sampler's output.
         self.no_prev_tokens = jax.device_put(np.zeros(s_max, np.int32), self.device)
 
@@ -409,8 +456,9 @@ class ModelRunner:
             req = sched[i].request
             pen_ids[i, : req.num_tokens] = req.all_token_ids
             pen_out[i, req.num_prompt_tokens : req.num_tokens] = True
-        use_top_k_top_p = bool((top_k > 0).any() or (top_p < 1).any())
         all_greedy = bool((temperature < 1e-5).all())
+        # Greedy rows take the argmax, which top-k/top-p never remove: no variant for it.
+        use_top_k_top_p = not all_greedy and bool((top_k > 0).any() or (top_p < 1).any())
         tensors = SamplingTensors(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep,
             presence_penalty=presence, frequency_penalty=frequency, seeds=seed_arr, positions=positions,
@@ -442,6 +490,28 @@ class ModelRunner:
             all_greedy=inputs.all_greedy,
         ), prompt
 
+    def execute_multi(
+        self, inputs: StepInputs, num_steps: int, prev_token_ids: jax.Array | None = None
+    ) -> jax.Array:  # [num_steps, S_max] token ids
+        """Dispatch `num_steps` decode steps of a decode-only batch whose rows need no per-step
+        sampling work (no penalties, logit bias, min_tokens or logprobs) as one program.
+        `prev_token_ids`: as for `execute`."""
+        assert inputs.prompt_rows is None and not inputs.use_penalties and not inputs.num_logprobs
+        buf, layout = pack(_step_arrays(inputs))
+        sampling, sampling_layout = pack([getattr(inputs.sampling, f) for f in _SAMPLING_FIELDS])
+        prev = self.no_prev_tokens if prev_token_ids is None else prev_token_ids
+        out, self.kv_caches = self._multi_decode(
+            self.state, self.kv_caches, buf, sampling, prev, layout=layout,
+            sampling_layout=sampling_layout, num_steps=num_steps, use_top_k_top_p=inputs.use_top_k_top_p,
+            all_greedy=inputs.all_greedy)
+        return out
+
+    def _decode_buckets(self) -> list[tuple[int, int]]:
+        """The (T, S) buckets `prepare` gives a decode-only step of 1..max_num_seqs requests."""
+        top = self.seq_buckets[-1]
+        return sorted({(t, min(self._bucket(self.seq_buckets, n, ""), t))
+                       for n in range(1, top + 1) for t in [self._bucket(self.token_buckets, n, "")]})
+
     def warmup(self, num_blocks: int, progress: bool = True) -> float:
         """Compile every (T, S) forward bucket and the common sampler variants, allocate the
         KV cache of `num_blocks`, and run each program once; returns seconds.
@@ -454,16 +524,29 @@ class ModelRunner:
         pairs = sorted({(t, min(s, t)) for t in self.token_buckets for s in self.seq_buckets})
         # Per S bucket: all-greedy, temperature only, and top-k/top-p.
         samplers = [(s, k, g) for s in sorted({s for _, s in pairs}) for k, g in ((False, True), (False, False), (True, False))]
+        # num_scheduler_steps > 1: the multi-step decode per decode bucket and plain variant.
+        multis = [(t, s, k, g) for t, s in self._decode_buckets() for k, g in ((False, True), (False, False), (True, False))]
+        multis = multis if self.num_scheduler_steps > 1 else []
         abstract_kv = self._abstract_kv_cache(num_blocks)
 
-        def sampler_args(s: int, use_top_k_top_p: bool, all_greedy: bool) -> tuple[tuple, dict]:
+        def sampling_buf(s: int) -> tuple[np.ndarray, Layout]:
             tensors, _ = self._sampling_tensors([], self._static[np.zeros(s, np.intp)], np.zeros(s, np.int32), [])
-            buf, layout = pack([getattr(tensors, f) for f in _SAMPLING_FIELDS])
+            return pack([getattr(tensors, f) for f in _SAMPLING_FIELDS])
+
+        def sampler_args(s: int, use_top_k_top_p: bool, all_greedy: bool) -> tuple[tuple, dict]:
+            buf, layout = sampling_buf(s)
             logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
             return (logits, buf), dict(layout=layout, num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
                                        use_penalties=False, all_greedy=all_greedy)
 
-        with tqdm(total=2 * (len(pairs) + len(samplers)), desc="compiling", disable=not progress, unit="program") as bar:
+        def multi_args(t: int, s: int, use_top_k_top_p: bool, all_greedy: bool) -> tuple[tuple, dict]:
+            (buf, layout), (sbuf, slayout) = self._forward_args(t, s), sampling_buf(s)
+            return (buf, sbuf, self.no_prev_tokens), dict(
+                layout=layout, sampling_layout=slayout, num_steps=self.num_scheduler_steps,
+                use_top_k_top_p=use_top_k_top_p, all_greedy=all_greedy)
+
+        total = 2 * (len(pairs) + len(samplers) + len(multis))
+        with tqdm(total=total, desc="compiling", disable=not progress, unit="program") as bar:
             self.kv_caches = []  # no cache while compiling (a runner may be warmed up again)
             for t, s in pairs:
                 buf, layout = self._forward_args(t, s)
@@ -472,6 +555,10 @@ class ModelRunner:
             for variant in samplers:
                 args, kwargs = sampler_args(*variant)
                 self._sample.lower(*args, **kwargs).compile()
+                bar.update()
+            for variant in multis:
+                args, kwargs = multi_args(*variant)
+                self._multi_decode.lower(self.state, abstract_kv, *args, **kwargs).compile()
                 bar.update()
             self.allocate_kv_cache(num_blocks)
             for t, s in pairs:
@@ -483,6 +570,11 @@ class ModelRunner:
                 args, kwargs = sampler_args(*variant)
                 jax.block_until_ready(self._sample(*args, **kwargs))
                 bar.update()
+            for variant in multis:
+                args, kwargs = multi_args(*variant)
+                out, self.kv_caches = self._multi_decode(self.state, self.kv_caches, *args, **kwargs)
+                jax.block_until_ready(out)
+                bar.update()
         return time.perf_counter() - t0
 
     def model(self) -> CausalLM:
@@ -490,4 +582,5 @@ class ModelRunner:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, self.state))
 
     def num_compiled_programs(self) -> int:
-        return self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()
+        return (self._forward._cache_size() + self._forward_prompt._cache_size() + self._sample._cache_size()
+                + self._multi_decode._cache_size())

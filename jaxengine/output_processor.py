@@ -121,7 +121,10 @@ class OutputProcessor:
                 entry[0].prompt_logprobs[pos] = lp
         finished = out.finished
         now = time.monotonic()
-        for sid, tok in zip(out.req_ids, out.token_ids):
+        # A request may get several tokens in one output (multi-step decode); only its last
+        # can be the one that finished it.
+        last_at = {sid: i for i, sid in enumerate(out.req_ids)} if finished else {}
+        for i, (sid, tok) in enumerate(zip(out.req_ids, out.token_ids)):
             entry = samples.get(sid)
             if entry is None:
                 continue
@@ -129,7 +132,7 @@ class OutputProcessor:
             if sample.finish_reason is not None:  # stopped here by a stop string
                 continue
             sample.token_ids.append(tok)
-            fin = finished.get(sid)
+            fin = finished.get(sid) if last_at.get(sid) == i else None
             if sample.detokenizer is not None:
                 # FINISHED_STOPPED from the core is EOS or a stop token id: not part of the text (as vLLM).
                 _, stop = sample.detokenizer.update([] if fin is not None and fin[0] == _STOPPED else [tok])

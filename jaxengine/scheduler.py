@@ -92,6 +92,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     preempted_req_ids: list[str]  # preempted this step: drop their per-request state
     finished_req_ids: set[str] = field(default_factory=set)  # finished since the last step
+    # Decode steps run back to back on the device (EngineConfig.num_scheduler_steps): each
+    # scheduled request then decodes, holds slots for all of them and samples that many tokens.
+    num_steps: int = 1
 
     @property
     def num_scheduled_seqs(self) -> int:
@@ -209,8 +212,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- one step
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, num_steps: int = 1) -> SchedulerOutput:
+        """`num_steps` > 1: a multi-step decode (the caller has checked that every running
+        request decodes and nobody waits): each request gets KV slots for `num_steps` tokens."""
         cfg = self.config
+        lookahead = num_steps - 1
         max_model_len = cfg.max_model_len
         kv = self.kv_cache_manager
         allocate = kv.allocate_slots
@@ -241,13 +247,14 @@ class Scheduler:
                     num_new = threshold
                 if num_new > budget:
                     num_new = budget
+            need = num_new + lookahead  # KV slots this step writes
             # Inlined fast path of allocate_slots: most decodes need no block and fill none.
-            if start + num_new <= room(req.request_id, -1):
+            if start + need <= room(req.request_id, -1):
                 new_ids = ()
             else:
-                new_ids = allocate(req, num_new)
+                new_ids = allocate(req, need)
             if new_ids is None:
-                new_ids = self._preempt_for(req, num_new, scheduled, preempted)
+                new_ids = self._preempt_for(req, need, scheduled, preempted)
                 if new_ids is None:  # req itself was preempted: nobody after it can run
                     break
                 budget = cfg.max_num_batched_tokens - sum(x.num_tokens for x in scheduled)
@@ -269,7 +276,7 @@ class Scheduler:
 
         # 2. Waiting requests (not after a preemption: blocks are short this step).
         waiting = self.waiting
-        while not preempted and budget > 0 and waiting and len(running) < cfg.max_num_seqs:
+        while not preempted and not lookahead and budget > 0 and waiting and len(running) < cfg.max_num_seqs:
             req = waiting.peek()
             hits, num_hit = kv.get_computed_blocks(req)
             num_tokens = len(req.all_token_ids)
@@ -305,12 +312,12 @@ class Scheduler:
         # step's update(): the sampled token becomes a pending one until update() brings it.
         for s in scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_tokens
+            req.num_computed_tokens += s.num_tokens + lookahead
             if s.sample:
-                req.num_pending += 1
+                req.num_pending += num_steps
         finished, self.finished_req_ids = self.finished_req_ids, set()
         return SchedulerOutput(
-            scheduled, cfg.max_num_batched_tokens - budget, preempted, finished
+            scheduled, cfg.max_num_batched_tokens - budget, preempted, finished, num_steps
         )
 
     def _preempt_for(
@@ -372,7 +379,7 @@ class Scheduler:
                 continue
             if not s.sample:
                 continue
-            req.num_pending -= 1
+            req.num_pending -= scheduler_output.num_steps
             new_tokens = sampled_token_ids.get(req.request_id)
             if not new_tokens:
                 continue

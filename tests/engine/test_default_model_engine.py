@@ -114,3 +114,29 @@ def test_prompt_logprobs_with_chunked_prefill(setup):
     for x, y in zip(a[1:], b[1:]):
         assert x.keys() == y.keys()
         assert all(abs(x[k].logprob - y[k].logprob) < 1e-4 for k in x)
+
+
+def test_multi_step_decode_same_text_and_stop_string_inside_a_run(setup):
+    tok, hf, llm = setup
+    multi = LLM(str(default_model_dir()), dtype="float32", progress=False, num_scheduler_steps=4)
+    runs = []
+    execute_multi = multi.engine.runner.execute_multi
+    multi.engine.runner.execute_multi = lambda inputs, k, *prev: runs.append(k) or execute_multi(inputs, k, *prev)
+    greedy = SamplingParams(max_tokens=32, temperature=0)
+    want = llm.generate(PROMPTS, greedy)
+    got = multi.generate(PROMPTS, greedy)
+    assert runs  # the decode steps did run 4 at a time
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in want]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    # A stop string first seen at a token that is not the last of its run (token 0 comes from
+    # the prefill step, then runs of 4: tokens 1-4, 5-8, ...): the text stops before it and
+    # the run's later tokens are dropped.
+    full = want[0].outputs[0]
+    pieces = [tok.decode(full.token_ids[: i + 1]) for i in range(len(full.token_ids))]
+    cut = next(i for i in range(6, len(pieces)) if i % 4 != 0 and len(pieces[i]) > len(pieces[i - 1])
+               and full.text.index(pieces[i][len(pieces[i - 1]):]) == len(pieces[i - 1]))
+    stop = pieces[cut][len(pieces[cut - 1]):]
+    start = full.text.index(stop)
+    out = multi.generate(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=[stop]))[0].outputs[0]
+    assert out.text == full.text[:start] and out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]

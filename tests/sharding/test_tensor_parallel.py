@@ -84,6 +84,18 @@ def test_same_greedy_tokens_as_one_device(checkpoint, tp, dp):
     assert _generate(path, tp, dp) == want
 
 
+def test_multi_step_decode_under_tensor_parallelism(checkpoint):
+    _, path, want = checkpoint
+    llm = LLM(str(path), tensor_parallel_size=2, dtype="float32", max_model_len=64, block_size=8, max_num_seqs=4,
+              max_num_batched_tokens=32, num_kv_blocks=48, progress=False, compilation_cache_dir="",
+              num_scheduler_steps=4)
+    runs = []
+    execute_multi = llm.engine.runner.execute_multi
+    llm.engine.runner.execute_multi = lambda inputs, k, *prev: runs.append(k) or execute_multi(inputs, k, *prev)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
+    assert runs
+
+
 def test_engine_params_and_kv_cache_are_split(checkpoint):
     name, path, _ = checkpoint
     cfg = CONFIGS[name]
