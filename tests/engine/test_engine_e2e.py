@@ -83,15 +83,20 @@ def test_no_recompilation_after_warmup(llm):
     assert llm.engine.runner.num_compiled_programs() == compiled
 
 
-def test_max_tokens_and_stop_token_ids(llm, checkpoint):
-    want = checkpoint[1][0]
-    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0))[0].outputs[0]
-    assert out.token_ids == want[:5] and out.finish_reason == "length"
-    stop = want[6]
+def check_max_tokens_and_stop_token(llm, want, max_tokens, stop_at):
+    """PROMPTS[0] greedy (`want` its output): cut at max_tokens, then stopped by a stop token
+    id (the token at want[stop_at], ending the output where it first occurs)."""
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=max_tokens, temperature=0))[0].outputs[0]
+    assert out.token_ids == want[:max_tokens] and out.finish_reason == "length"
+    stop = want[stop_at]
     first = want.index(stop)
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW, temperature=0, stop_token_ids=[stop]))[0].outputs[0]
     assert out.token_ids == want[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_max_tokens_and_stop_token_ids(llm, checkpoint):
+    check_max_tokens_and_stop_token(llm, checkpoint[1][0], 5, 6)
 
 
 def test_min_tokens_suppresses_stop_tokens(llm, checkpoint):

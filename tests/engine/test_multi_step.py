@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from jaxengine import SamplingParams
-from tests.engine.test_engine_e2e import GREEDY, NEW, PROMPTS, _llm, _tokens, checkpoint  # noqa: F401
+from tests.engine.test_engine_e2e import (  # noqa: F401
+    GREEDY, NEW, PROMPTS, _llm, _tokens, check_max_tokens_and_stop_token, checkpoint,
+)
 
 STEPS = 4
 
@@ -43,15 +45,9 @@ def test_chunked_prefill_preemption_and_sync_scheduling_with_multi_step(checkpoi
 
 
 def test_stops_inside_a_run(multi, checkpoint):  # noqa: F811
-    want = checkpoint[1][0]
-    # max_tokens not a multiple of the run length: the run's later tokens are dropped.
-    out = multi.generate(PROMPTS[0], SamplingParams(max_tokens=7, temperature=0))[0].outputs[0]
-    assert out.token_ids == want[:7] and out.finish_reason == "length"
-    stop = want[9]
-    first = want.index(stop)
-    out = multi.generate(PROMPTS[0], SamplingParams(max_tokens=NEW, temperature=0, stop_token_ids=[stop]))[0].outputs[0]
-    assert out.token_ids == want[: first + 1]
-    assert out.finish_reason == "stop" and out.stop_reason == stop
+    # max_tokens 7 (not a multiple of the run length) and a stop token from the middle of
+    # the output: the run's later tokens are dropped, and the blocks freed.
+    check_max_tokens_and_stop_token(multi, checkpoint[1][0], 7, 9)
     assert multi.engine.scheduler.kv_cache_manager.block_pool.usage == 0
 
 
