@@ -379,6 +379,9 @@ def tune_section(cache, num_pages, bw, peak):
         ("decode b32 ctx16k", [1] * 32, [16384] * 32, 32,
          [dict(num_kv_splits=s, pages_per_block=ppb, num_stages=st)
           for s, ppb, st in [(1, 4, 3), (2, 4, 3), (4, 4, 3), (2, 4, 2), (2, 8, 2)]]),
+        ("decode b64 ctx8k", [1] * 64, [8192] * 64, 32,  # the shape furthest from 2x JAX's kernel (v4)
+         [dict(num_kv_splits=s, pages_per_block=ppb, num_stages=st)
+          for s, ppb, st in [(1, 4, 3), (2, 4, 3), (2, 8, 2), (1, 8, 3), (4, 4, 3)]]),
         ("decode b256 ctx2k", [1] * 256, [2048] * 256, 64,
          [dict(num_kv_splits=s, pages_per_block=ppb, num_stages=st, num_warps=w)
           for s, ppb, st, w in [(1, 4, 3, 4), (1, 8, 3, 4), (1, 4, 2, 4), (1, 8, 2, 8)]]),
