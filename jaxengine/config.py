@@ -44,8 +44,9 @@ class EngineConfig:
     # Schedule step N+1 while step N runs on the device (vLLM V1's async scheduling).
     async_scheduling: bool = True
     # Decode steps per dispatch (vLLM V0's num_scheduler_steps): when every running request
-    # is decoding, nobody waits and no request needs per-step sampling work (penalties,
-    # logit bias, min_tokens, logprobs), one program runs this many forward + sample steps,
+    # is decoding, no waiting request could be admitted (none waits, or max_num_seqs run) and
+    # no request needs per-step sampling work (penalties, logit bias, min_tokens, logprobs),
+    # one program runs this many forward + sample steps,
     # each step's tokens feeding the next. It pays the host's per-step cost (schedule,
     # prepare, dispatch, update) once per that many tokens. Stops are applied afterwards: a
     # request that ends inside the run drops its later tokens. 1 = off.

@@ -423,11 +423,15 @@ class EngineCore:
 
     def _multi_steps(self) -> int:
         """num_scheduler_steps if the next step can run them all in one program: every running
-        request decodes (none mid-prefill, none waiting to be admitted), has room for that many
-        more tokens and needs no per-step sampling work; else 1."""
+        request decodes (none mid-prefill), has room for that many more tokens and needs no
+        per-step sampling work, and no waiting request could be admitted now (none waits, or
+        max_num_seqs are running: then a seat that frees inside a run is filled after it);
+        else 1."""
         k = self.config.num_scheduler_steps
         sched = self.scheduler
-        if k == 1 or sched.waiting or self._leader is not None or not sched.running:
+        if k == 1 or self._leader is not None or not sched.running:
+            return 1
+        if sched.waiting and len(sched.running) < self.config.max_num_seqs:
             return 1
         limit = self.max_model_len - k
         for req in sched.running:

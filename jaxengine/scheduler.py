@@ -214,7 +214,8 @@ class Scheduler:
 
     def schedule(self, num_steps: int = 1) -> SchedulerOutput:
         """`num_steps` > 1: a multi-step decode (the caller has checked that every running
-        request decodes and nobody waits): each request gets KV slots for `num_steps` tokens."""
+        request decodes): each request gets KV slots for `num_steps` tokens, and nobody is
+        admitted from waiting in this step."""
         cfg = self.config
         lookahead = num_steps - 1
         max_model_len = cfg.max_model_len

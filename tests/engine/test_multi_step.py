@@ -44,6 +44,23 @@ def test_chunked_prefill_preemption_and_sync_scheduling_with_multi_step(checkpoi
         assert _tokens(llm.generate(PROMPTS, GREEDY)) == checkpoint[1]
 
 
+def test_multi_step_runs_while_requests_wait_for_a_seat(checkpoint):  # noqa: F811
+    # 5 requests, 2 seats: the running pair decodes in runs while 3 wait; a seat freed
+    # inside a run is filled after it.
+    llm = _llm(checkpoint[0], num_scheduler_steps=STEPS, max_num_seqs=2)
+    runs, waiting = [], []
+    execute_multi = llm.engine.runner.execute_multi
+
+    def counted(inputs, num_steps, *prev):
+        runs.append(num_steps)
+        waiting.append(llm.engine.scheduler.num_waiting)
+        return execute_multi(inputs, num_steps, *prev)
+
+    llm.engine.runner.execute_multi = counted
+    assert _tokens(llm.generate(PROMPTS, GREEDY)) == checkpoint[1]
+    assert runs and max(waiting) > 0
+
+
 def test_stops_inside_a_run(multi, checkpoint):  # noqa: F811
     # max_tokens 7 (not a multiple of the run length) and a stop token from the middle of
     # the output: the run's later tokens are dropped, and the blocks freed.

@@ -148,7 +148,6 @@ def test_penalties_and_bias_match_numpy_reference():
 
 
 def test_penalty_semantics_by_hand():
-    V = 6
     logits = np.array([[2.0, -2.0, 2.0, -2.0, 1.0, 0.5]], np.float32)
     # prompt: 0, 1 ; output: 2, 3, 3, 0  (-1 padding)
     t = np_tensors(

@@ -99,7 +99,7 @@ def test_basic_prefill_then_decode():
     assert out.preempted_req_ids == [] and out.finished_req_ids == set()
     changed = s.update(out, {"a": [100], "b": [200]})
     assert [r.request_id for r in changed] == ["a", "b"]
-    ra, rb = a.request, b.request
+    ra = a.request
     assert ra.output_token_ids == [100] and ra.all_token_ids == [10, 11, 12, 13, 14, 100]
     assert ra.num_computed_tokens == 5 and ra.num_tokens == 6
     out = s.schedule()
