@@ -102,6 +102,7 @@ def main() -> None:
             continue
         result = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), output_tok_s=1024 * 128 / wall,
                       ms_per_step=1e3 * wall / steps, steps=steps, forward_passes=engine.timing["steps"],
+                      multi_step_runs=engine.timing["multi_step_runs"],
                       num_scheduler_steps=args.num_scheduler_steps,
                       waiting_for_tokens_ms=1e3 * engine.timing["wait_seconds"] / steps,
                       per_step_ms={k: round(1e3 * v / steps, 3) for k, v in sorted(spent.items())}, **forward_stats)

@@ -133,7 +133,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         results.append({
             **common, "engine": f"jaxengine-{scheduling}", "workload": kind, "requests": len(prompts), "seconds": wall,
             "requests_per_s": len(prompts) / wall, "output_tokens_per_s": n_out / wall,
-            "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm["steps"],
+            "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm["steps"], "multi_step_runs": tm["multi_step_runs"],
             "ms_per_step": 1e3 * wall / max(tm["steps"], 1),
             # Host time outside engine.step(): adding the requests before the first step and
             # assembling outputs after the last (part of the idle fraction on short runs).

@@ -215,7 +215,8 @@ class EngineCore:
         self._num_penalised = 0  # live requests with penalties: they need synchronous steps
         # critical: from collecting a step to dispatching the next (the device surely idles);
         # host_bound_steps: steps whose result was ready before the host came for it.
-        self.timing = {"critical_seconds": 0.0, "wait_seconds": 0.0, "loop_seconds": 0.0, "steps": 0, "host_bound_steps": 0}
+        self.timing = {"critical_seconds": 0.0, "wait_seconds": 0.0, "loop_seconds": 0.0, "steps": 0, "host_bound_steps": 0,
+                       "multi_step_runs": 0}
 
     # ------------------------------------------------------------------ set-up
 
@@ -407,6 +408,7 @@ class EngineCore:
     def _dispatch(self, inputs, num_steps: int, prev_tokens=None):
         """Run a step (or a multi-step decode) on the device: (result, prompt logprobs)."""
         if num_steps > 1:
+            self.timing["multi_step_runs"] += 1
             return self.runner.execute_multi(inputs, num_steps, prev_tokens), None
         return self._execute(inputs) if prev_tokens is None else self._execute(inputs, prev_tokens)
 

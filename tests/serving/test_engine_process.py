@@ -278,3 +278,29 @@ def test_a_failure_starting_outputs_fails_the_add_and_the_engine_drops_it(engine
     stats = wait_idle(engine_process)
     assert stats["used_blocks"] == 0 and not stats["unfinished"], stats
     assert engine_process.num_unfinished == 0
+
+
+def _multi_step_runs(engine) -> int:
+    return engine.timing["multi_step_runs"]
+
+
+def test_multi_step_decode_across_the_process(tiny_model, want):
+    """num_scheduler_steps: a step's outputs carry several tokens per request; split per
+    client and detokenized there, the streams still equal the offline engine's."""
+    from jaxengine import EngineConfig
+    from jaxengine.engine_process import EngineProcess
+
+    proc = EngineProcess(EngineConfig.from_kwargs(str(tiny_model), **ENGINE_ARGS, num_scheduler_steps=4), progress=False)
+    try:
+        params = jaxengine.SamplingParams(max_tokens=24, temperature=0.0)
+
+        async def both():
+            return await asyncio.gather(*[_tokens(proc, p, params) for p in PROMPTS])
+
+        for (tokens, text, outs), w in zip(asyncio.run(both()), want):
+            assert tokens == w.outputs[0].token_ids and text == w.outputs[0].text
+            assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+        assert proc.call(_multi_step_runs).result(timeout=10) > 0
+        assert wait_idle(proc)["used_blocks"] == 0
+    finally:
+        proc.shutdown()
