@@ -68,6 +68,18 @@ def test_stops_inside_a_run(multi, checkpoint):  # noqa: F811
     assert multi.engine.scheduler.kv_cache_manager.block_pool.usage == 0
 
 
+def test_near_max_model_len_and_n_samples_same_as_single_step(checkpoint):  # noqa: F811
+    # max_model_len 40: the 25-token prompt has room for 15 tokens, and a run from 37 tokens
+    # on would overrun the model length: those steps run singly, and it ends at 40.
+    multi, single = (_llm(checkpoint[0], max_model_len=40, **kw) for kw in (dict(num_scheduler_steps=STEPS), {}))
+    params = [SamplingParams(max_tokens=15, temperature=0), SamplingParams(n=3, max_tokens=15, temperature=1.0, seed=5)]
+    for p in params:
+        got, want = multi.generate(PROMPTS[3:], p), single.generate(PROMPTS[3:], p)
+        assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
+    assert len(got[0].prompt_token_ids) + len(got[0].outputs[0].token_ids) == 40
+    assert multi.engine.timing["multi_step_runs"] > 0
+
+
 def test_seeded_sampling_same_as_single_step(multi, checkpoint):  # noqa: F811
     single = _llm(checkpoint[0])
     params = [SamplingParams(max_tokens=NEW, temperature=0.9, top_p=0.9, top_k=50, seed=7 + i) for i in range(len(PROMPTS))]
