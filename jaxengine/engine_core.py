@@ -357,12 +357,11 @@ class EngineCore:
         stop string) has already been given one more token (run) in N+1: update() drops it."""
         t0 = time.perf_counter()
         prev_out, prev_inputs, (prev_result, prev_prompt) = self._in_flight
-        # The tokens N+1 continues from: N's last step's (one row per request).
-        prev_tokens = prev_result[-1] if prev_out.num_steps > 1 else prev_result.token_ids
-        num_steps = self._multi_steps()
-        nxt = self.scheduler.schedule(num_steps)
+        nxt = self.scheduler.schedule(self._multi_steps())
         new = None
         if nxt.scheduled:
+            # The tokens N+1 continues from: N's last step's (one row per request).
+            prev_tokens = prev_result[-1] if prev_out.num_steps > 1 else prev_result.token_ids
             prev_rows = {s.request.request_id: i for i, s in enumerate(prev_out.scheduled) if s.sample}
             inputs = self.runner.prepare(nxt, self._seeds, prev_rows)
             new = (nxt, inputs, self._dispatch(inputs, nxt.num_steps, prev_tokens))

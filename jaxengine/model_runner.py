@@ -173,16 +173,22 @@ class ModelRunner:
         self.num_scheduler_steps = num_scheduler_steps
         block_size, max_pages = self.block_size, self.max_pages
 
+        def merged(state_leaves) -> CausalLM:
+            return nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+
+        def sampling_tensors(buf, layout) -> SamplingTensors:
+            return SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(buf, layout))))
+
         def forward(state_leaves, kv_caches, buf, prev_token_ids, layout):  # -> logits [S, V] f32, caches
             tokens, meta = _unpack_step(buf, layout, prev_token_ids)
-            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+            model = merged(state_leaves)
             hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
         def forward_prompt(state_leaves, kv_caches, buf, prev_token_ids, rows, targets, layout):
             """forward, plus logprobs of the next prompt token at `rows` (prompt_logprobs)."""
             tokens, meta = _unpack_step(buf, layout, prev_token_ids)
-            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+            model = merged(state_leaves)
             hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
             lp = compute_logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches, lp
@@ -190,7 +196,7 @@ class ModelRunner:
         def sample_packed(logits, buf, layout, **variant) -> SamplerOutput:
             """sample(), its tensors from one packed buffer; token_ids padded to [S_max] so the
             next step's forward takes them in one shape whatever this step's S bucket."""
-            out = sample(logits, SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(buf, layout)))), **variant)
+            out = sample(logits, sampling_tensors(buf, layout), **variant)
             return dataclasses.replace(out, token_ids=jnp.pad(out.token_ids, (0, s_max - out.token_ids.shape[0])))
 
         def multi_decode(state_leaves, kv_caches, buf, sampling_buf, prev_token_ids, layout, sampling_layout,
@@ -198,8 +204,8 @@ class ModelRunner:
             """num_steps decode steps of a decode-only batch (token i is row i): each step's
             sampled tokens are the next one's inputs, one position and KV slot further on."""
             tokens, meta = _unpack_step(buf, layout, prev_token_ids)
-            tensors = SamplingTensors(**dict(zip(_SAMPLING_FIELDS, unpack(sampling_buf, sampling_layout))))
-            model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+            tensors = sampling_tensors(sampling_buf, sampling_layout)
+            model = merged(state_leaves)
             t, s = tokens.shape[0], meta.kv_lens.shape[0]
             real_tok = jnp.arange(t) < meta.num_seqs[0]  # [T]
             real_row = jnp.arange(s) < meta.num_seqs[0]  # [S]
@@ -522,11 +528,12 @@ class ModelRunner:
         the same executables (same shapes and shardings) and fill jit's dispatch cache."""
         t0 = time.perf_counter()
         pairs = sorted({(t, min(s, t)) for t in self.token_buckets for s in self.seq_buckets})
-        # Per S bucket: all-greedy, temperature only, and top-k/top-p.
-        samplers = [(s, k, g) for s in sorted({s for _, s in pairs}) for k, g in ((False, True), (False, False), (True, False))]
-        # num_scheduler_steps > 1: the multi-step decode per decode bucket and plain variant.
-        multis = [(t, s, k, g) for t, s in self._decode_buckets() for k, g in ((False, True), (False, False), (True, False))]
-        multis = multis if self.num_scheduler_steps > 1 else []
+        # The plain sampler variants (use_top_k_top_p, all_greedy): all-greedy, temperature
+        # only, and top-k/top-p; per S bucket, and (num_scheduler_steps > 1) per decode bucket
+        # of the multi-step decode.
+        plain = ((False, True), (False, False), (True, False))
+        samplers = [(s, k, g) for s in sorted({s for _, s in pairs}) for k, g in plain]
+        multis = [(t, s, k, g) for t, s in self._decode_buckets() for k, g in plain] if self.num_scheduler_steps > 1 else []
         abstract_kv = self._abstract_kv_cache(num_blocks)
 
         def sampling_buf(s: int) -> tuple[np.ndarray, Layout]:
