@@ -67,8 +67,14 @@ def replay_device_seconds(engine, recorded) -> float:
     return time.perf_counter() - t0
 
 
-def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> list[dict]:
-    """One engine (one start-up) for every (workload, scheduling) run, prefix cache reset in between."""
+def say(msg: str) -> None:
+    """Progress on stderr as each phase ends: a run cut off by its time limit still tells how far it got."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, record) -> None:
+    """One engine (one start-up) for every (workload, scheduling) run, prefix cache reset in
+    between; `record` gets each run's row as soon as it ends."""
     import jax
 
     from jaxengine import LLM, SamplingParams
@@ -79,6 +85,9 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
               num_scheduler_steps=args.num_scheduler_steps, progress=False)
     startup = time.perf_counter() - t0
     engine = llm.engine
+    breakdown = {k: {"programs": n, "seconds": round(sec, 2)} for k, (n, sec) in engine.runner.warmup_breakdown.items()}
+    say(f"engine up in {startup:.1f} s, {engine.num_blocks * engine.config.block_size} KV tokens; warm-up: "
+        + ", ".join(f"{k} {v['programs']} in {v['seconds']:.1f} s" for k, v in breakdown.items()))
     probe_prompts, _ = workload("mixed", vocab)
     probe = greedy_probe(llm, [p[: args.max_model_len // 2] for p in probe_prompts[:8]])
     # Correctness before speed: the engine's first greedy token (paged kernel, ragged batch)
@@ -96,13 +105,13 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
     del model
     common = {
         "preset": preset, "tensor_parallel_size": args.tensor_parallel_size, "startup_seconds": startup,
-        "compile_seconds": engine.compile_seconds, "kv_blocks": engine.num_blocks,
+        "compile_seconds": engine.compile_seconds, "warmup_breakdown": breakdown, "kv_blocks": engine.num_blocks,
         "kv_tokens": engine.num_blocks * engine.config.block_size, "greedy_probe": probe,
         "first_token_agreement_with_dense": agree / len(check),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
     }
-    results = []
+    first = None
     execute, execute_multi = engine._execute, engine.runner.execute_multi
     for kind, scheduling in runs:
         prompts, out_lens = workload(kind, vocab)
@@ -130,7 +139,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         n_in = sum(map(len, prompts))
         tm = engine.timing
-        results.append({
+        row = {
             **common, "engine": f"jaxengine-{scheduling}", "workload": kind, "requests": len(prompts), "seconds": wall,
             "requests_per_s": len(prompts) / wall, "output_tokens_per_s": n_out / wall,
             "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm["steps"], "multi_step_runs": tm["multi_step_runs"],
@@ -147,8 +156,12 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
             "host_bound_fraction": tm["host_bound_steps"] / max(tm["steps"], 1),
             "prefix_cache_hit_tokens": sum(o.num_cached_tokens for o in outs),
             "all_lengths_exact": all(len(o.outputs[0].token_ids) == k for o, k in zip(outs, out_lens)),
-        })
-        del recorded, outs
+        }
+        say(f"{kind} {scheduling}: {row['output_tokens_per_s']:.0f} output tok/s, {row['ms_per_step']:.2f} ms/step, "
+            f"idle {row['device_idle_fraction']:.1%} ({row['device_idle_fraction_between_steps']:.1%} between steps)")
+        record([row])
+        first = first or row
+        recorded, outs = [], None  # free the step inputs and outputs before the next run
     if args.profile:  # a traced repeat of the first run's first requests: where the device time goes
         from benchmarks.profile_summary import print_summary, summarize
 
@@ -163,8 +176,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args) -> li
         summary = summarize(args.profile)
         print(f"profile: {kind} {scheduling}, first {n} requests, trace in {args.profile}")
         print_summary(summary)
-        results[0]["profile"] = summary
-    return results
+        first["profile"] = summary
+        record([])  # rewrite the file with the profile in the first row
 
 
 def run_hf(preset: str, prompts, out_lens, args) -> list[dict]:
@@ -266,7 +279,7 @@ def main() -> None:
             record(run_hf(args.preset, prompts[: args.num_requests], out_lens[: args.num_requests], args), kind)
     if not args.no_engine:
         runs = [(k, s) for k in args.workload for s in args.scheduling]
-        record(run_engine(args.preset, runs, vocab, args))
+        run_engine(args.preset, runs, vocab, args, record)
     print(f"{'engine':24} {'workload':8} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'ms/step':>8} {'idle':>6} "
           f"{'between steps':>13}")
     for r in rows:

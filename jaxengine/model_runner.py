@@ -553,20 +553,32 @@ class ModelRunner:
                 use_top_k_top_p=use_top_k_top_p, all_greedy=all_greedy)
 
         total = 2 * (len(pairs) + len(samplers) + len(multis))
+        # Seconds per phase, for start-up reports: (programs, seconds) of each compile group.
+        self.warmup_breakdown: dict[str, tuple[int, float]] = {}
+
+        def phase(name: str, n: int, since: float) -> float:
+            now = time.perf_counter()
+            self.warmup_breakdown[name] = (n, now - since)
+            return now
+
         with tqdm(total=total, desc="compiling", disable=not progress, unit="program") as bar:
             self.kv_caches = []  # no cache while compiling (a runner may be warmed up again)
+            clock = time.perf_counter()
             for t, s in pairs:
                 buf, layout = self._forward_args(t, s)
                 self._forward.lower(self.state, abstract_kv, buf, self.no_prev_tokens, layout=layout).compile()
                 bar.update()
+            clock = phase("compile_forward", len(pairs), clock)
             for variant in samplers:
                 args, kwargs = sampler_args(*variant)
                 self._sample.lower(*args, **kwargs).compile()
                 bar.update()
+            clock = phase("compile_sampler", len(samplers), clock)
             for variant in multis:
                 args, kwargs = multi_args(*variant)
                 self._multi_decode.lower(self.state, abstract_kv, *args, **kwargs).compile()
                 bar.update()
+            clock = phase("compile_multi_step", len(multis), clock)
             self.allocate_kv_cache(num_blocks)
             for t, s in pairs:
                 buf, layout = self._forward_args(t, s)
@@ -582,6 +594,7 @@ class ModelRunner:
                 out, self.kv_caches = self._multi_decode(self.state, self.kv_caches, *args, **kwargs)
                 jax.block_until_ready(out)
                 bar.update()
+            phase("allocate_and_first_runs", total // 2, clock)
         return time.perf_counter() - t0
 
     def model(self) -> CausalLM:
