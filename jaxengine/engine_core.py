@@ -361,7 +361,7 @@ class EngineCore:
         new = None
         if nxt.scheduled:
             # The tokens N+1 continues from: N's last step's (one row per request).
-            prev_tokens = prev_result[-1] if prev_out.num_steps > 1 else prev_result.token_ids
+            prev_tokens = prev_result.token_ids
             prev_rows = {s.request.request_id: i for i, s in enumerate(prev_out.scheduled) if s.sample}
             inputs = self.runner.prepare(nxt, self._seeds, prev_rows)
             new = (nxt, inputs, self._dispatch(inputs, nxt.num_steps, prev_tokens))
@@ -418,7 +418,7 @@ class EngineCore:
         if out.num_steps == 1:
             token_ids = np.asarray(result.token_ids)
             return {s.request.request_id: [int(token_ids[i])] for i, s in enumerate(out.scheduled) if s.sample}, None
-        columns = np.asarray(result).T.tolist()  # [num_steps, S_max]: a column per request
+        columns = np.asarray(result.all_token_ids).T.tolist()  # [num_steps, S_max]: a column per request
         sampled = {s.request.request_id: columns[i] for i, s in enumerate(out.scheduled)}
         return sampled, {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
 

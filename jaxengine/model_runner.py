@@ -46,6 +46,15 @@ def _pow2(n: int, lo: int) -> int:
     return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MultiStepOutput:
+    """A multi-step decode's sampled tokens; `token_ids` is the last step's row on its own,
+    so the next step can start from it without another (eager) device op on the host path."""
+    token_ids: jax.Array  # [S_max] i32, the last step's tokens
+    all_token_ids: jax.Array  # [num_steps, S_max] i32
+
+
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
     """One step's host arrays, padded to its bucket, plus the sampler variant."""
@@ -200,7 +209,7 @@ class ModelRunner:
             return dataclasses.replace(out, token_ids=jnp.pad(out.token_ids, (0, s_max - out.token_ids.shape[0])))
 
         def multi_decode(state_leaves, kv_caches, buf, sampling_buf, prev_token_ids, layout, sampling_layout,
-                         num_steps, use_top_k_top_p, all_greedy):  # -> token ids [num_steps, S_max], caches
+                         num_steps, use_top_k_top_p, all_greedy):  # -> MultiStepOutput, caches
             """num_steps decode steps of a decode-only batch (token i is row i): each step's
             sampled tokens are the next one's inputs, one position and KV slot further on."""
             tokens, meta = _unpack_step(buf, layout, prev_token_ids)
@@ -232,7 +241,7 @@ class ModelRunner:
 
             out = jnp.zeros((num_steps, s_max), jnp.int32)
             _, _, kv_caches, out = jax.lax.fori_loop(0, num_steps, one_step, (tokens, meta, kv_caches, out))
-            return out, kv_caches
+            return MultiStepOutput(token_ids=out[num_steps - 1], all_token_ids=out), kv_caches
 
         # With a mesh: logits gathered (replicated) for the sampler, caches kept split.
         kv_out = [kv_cache_sharding(mesh)] * cfg.num_layers if mesh is not None else None
@@ -498,7 +507,7 @@ class ModelRunner:
 
     def execute_multi(
         self, inputs: StepInputs, num_steps: int, prev_token_ids: jax.Array | None = None
-    ) -> jax.Array:  # [num_steps, S_max] token ids
+    ) -> MultiStepOutput:
         """Dispatch `num_steps` decode steps of a decode-only batch whose rows need no per-step
         sampling work (no penalties, logit bias, min_tokens or logprobs) as one program.
         `prev_token_ids`: as for `execute`."""
