@@ -82,7 +82,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
     t0 = time.perf_counter()
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-              num_scheduler_steps=args.num_scheduler_steps, progress=False)
+              num_scheduler_steps=args.num_scheduler_steps, gpu_memory_utilization=args.gpu_memory_utilization,
+              progress=False)
     startup = time.perf_counter() - t0
     engine = llm.engine
     breakdown = {k: {"programs": n, "seconds": round(sec, 2)} for k, (n, sec) in engine.runner.warmup_breakdown.items()}
@@ -110,6 +111,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
         "first_token_agreement_with_dense": agree / len(check),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     first = None
     execute, execute_multi = engine._execute, engine.runner.execute_multi
@@ -243,6 +245,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--num-scheduler-steps", type=int, default=1,
                     help="decode steps per dispatch when every running request decodes (engine arg)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--hf-requests", type=int, default=256)
     ap.add_argument("--hf-batch", type=int, default=64)
