@@ -1,5 +1,5 @@
 """Tensor and data parallelism on 8 virtual CPU devices: TP 2/4/8 and DP 2 x TP 4 give the
-greedy tokens of TP 1 through the whole engine (float32), parameters and the KV cache are
+greedy tokens of TP 1 through the whole engine (float32; MHA, GQA 2:1 and 70B's 8:1), parameters and the KV cache are
 really split, the Pallas kernel runs per shard under shard_map, and bad sizes fail clearly.
 
 Needs 8 devices before JAX starts, so the normal suite runs this module in a subprocess
@@ -37,6 +37,10 @@ CONFIGS = {
     # MHA, 8 KV heads: TP up to 8; biases and untied lm_head off.
     "llama": ModelConfig("LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=8, num_kv_heads=8, head_dim=8, max_position_embeddings=256),
+    # Llama-3.1-70B's head layout (64 query heads over 8 KV heads): at TP 8 each device holds
+    # one KV head and its 8 query heads (the 70B TP 8 run of benchmarks, scaled down).
+    "llama-70b-heads": ModelConfig("LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
+                                   num_layers=2, num_heads=64, num_kv_heads=8, head_dim=8, max_position_embeddings=256),
     # GQA (2 query heads per KV head), q/k norm, head_dim != hidden / heads.
     "qwen3": ModelConfig("Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
                          num_heads=16, num_kv_heads=8, head_dim=16, max_position_embeddings=256, qk_norm=True),
