@@ -58,7 +58,9 @@ class EngineConfig:
     stream_interval: int = 1
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
-    compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla")
+    # JAX's own JAX_COMPILATION_CACHE_DIR, when set, is the default.
+    compilation_cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla"))
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -31,3 +31,8 @@ def test_programs_compile_before_the_kv_cache_is_allocated():
     assert not [name for name, allocated in steps if allocated], "a step program compiled after the KV cache"
     assert [c.shape[2] for c in runner.kv_caches] == [20] * runner.config.num_layers
     assert all(isinstance(c, jax.Array) for c in runner.kv_caches)
+    # The start-up report: programs and seconds per phase (no multi-step programs at k = 1).
+    phases = runner.warmup_breakdown
+    assert list(phases) == ["compile_forward", "compile_sampler", "compile_multi_step", "allocate_and_first_runs"]
+    assert phases["compile_forward"][0] >= len(runner.token_buckets) and phases["compile_multi_step"][0] == 0
+    assert all(seconds >= 0 for _, seconds in phases.values())
