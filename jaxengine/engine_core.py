@@ -360,11 +360,10 @@ class EngineCore:
         nxt = self.scheduler.schedule(self._multi_steps())
         new = None
         if nxt.scheduled:
-            # The tokens N+1 continues from: N's last step's (one row per request).
-            prev_tokens = prev_result.token_ids
             prev_rows = {s.request.request_id: i for i, s in enumerate(prev_out.scheduled) if s.sample}
             inputs = self.runner.prepare(nxt, self._seeds, prev_rows)
-            new = (nxt, inputs, self._dispatch(inputs, nxt.num_steps, prev_tokens))
+            # N+1 continues from N's (last step's) tokens, one row per request.
+            new = (nxt, inputs, self._dispatch(inputs, nxt.num_steps, prev_result.token_ids))
             self._mark_scheduled(nxt)
         t_dispatch = time.perf_counter()
         sampled, before = self._collect(prev_out, prev_result)  # waits for step N
@@ -438,8 +437,9 @@ class EngineCore:
         for req in sched.running:
             n = len(req.all_token_ids) + req.num_pending  # with the tokens still on the device
             p = req.sampling_params
-            if (req.num_computed_tokens != n - 1 or n > limit or p.logprobs is not None
-                    or p.logit_bias or p.min_tokens or p.has_penalties or p.prompt_logprobs is not None):
+            # Any logprobs (even 0: the chosen token's) come from single steps only.
+            if (req.num_computed_tokens != n - 1 or n > limit or p.has_per_step_work or p.logprobs is not None
+                    or p.prompt_logprobs is not None):
                 return 1
         return k
 

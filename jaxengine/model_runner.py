@@ -93,7 +93,7 @@ class _RequestRow:
 
     slot: int  # its row of ModelRunner._tables and ._static (0 is the padding row)
     num_blocks: int  # how much of its block table is written there
-    special: bool  # logit bias, min_tokens, penalties or logprobs: per-step sampling work
+    special: bool  # SamplingParams.has_per_step_work
     prompt_logprobs: bool  # it answers prompt_logprobs (the first sample of its request)
 
 
@@ -409,9 +409,8 @@ class ModelRunner:
             if row is not None:
                 self._free_slots.append(row.slot)
             p = s.request.sampling_params
-            special = bool(p.logit_bias or p.min_tokens or p.has_penalties or p.logprobs)
             prompt_lp = p.prompt_logprobs is not None and s.request.sample_index == 0
-            row = self._rows[rid] = _RequestRow(self._take_slot(), 0, special, prompt_lp)
+            row = self._rows[rid] = _RequestRow(self._take_slot(), 0, p.has_per_step_work, prompt_lp)
             self._tables[row.slot] = 0
             self._static[row.slot] = _static_sampling(s.request, seeds[rid])
         if len(s.block_ids) != row.num_blocks:

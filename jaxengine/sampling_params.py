@@ -102,6 +102,12 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     @property
+    def has_per_step_work(self) -> bool:
+        """Logit bias, min_tokens, penalties or top logprobs: sampler work beyond the plain
+        greedy / temperature / top-k / top-p variants, done row by row every step."""
+        return bool(self.logit_bias or self.min_tokens or self.has_penalties or self.logprobs)
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
 
