@@ -83,7 +83,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
               num_scheduler_steps=args.num_scheduler_steps, gpu_memory_utilization=args.gpu_memory_utilization,
-              progress=False)
+              compile_threads=args.compile_threads, progress=args.progress)
     startup = time.perf_counter() - t0
     engine = llm.engine
     breakdown = {k: {"programs": n, "seconds": round(sec, 2)} for k, (n, sec) in engine.runner.warmup_breakdown.items()}
@@ -111,7 +111,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
         "first_token_agreement_with_dense": agree / len(check),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "gpu_memory_utilization": args.gpu_memory_utilization, "compile_threads": args.compile_threads,
     }
     first = None
     execute, execute_multi = engine._execute, engine.runner.execute_multi
@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--num-scheduler-steps", type=int, default=1,
                     help="decode steps per dispatch when every running request decodes (engine arg)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--compile-threads", type=int, default=None, help="default: the engine's (min(4, CPUs))")
+    ap.add_argument("--progress", action="store_true", help="the engine's start-up progress bars (stderr)")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--hf-requests", type=int, default=256)
     ap.add_argument("--hf-batch", type=int, default=64)

@@ -4,6 +4,10 @@
     python3 benchmarks/tp_greedy.py --preset llama-3.1-8b --tensor-parallel-size 2 --out tp2.json
     python3 benchmarks/tp_greedy.py --compare tp1.json tp2.json
 
+`--num-layers N` keeps the preset's widths and head layout at depth N: float32 70B fits one
+H200 at 20 layers, so TP 1 can be the reference on a 4-GPU machine (TP sizes shard widths
+and heads; depth only repeats the same sharded layer).
+
 Why not the bf16 engine's tokens: random bf16 weights give near-tied logits, and TP sums
 each row-parallel matmul in another order (partial sums, then an all-reduce), so bf16
 greedy tokens of two TP sizes part at the first near-tie (benchmarks/RESULTS.md, 8B TP).
@@ -29,6 +33,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def probe_prompts(vocab: int, n: int = 8, length: int = 256, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(10, vocab - 10, int(k)).tolist() for k in rng.integers(length // 2, length + 1, n)]
+
+
+def at_depth(preset: str, num_layers: int | None) -> str:
+    """The name of the preset at `num_layers` layers, registered in models.PRESETS."""
+    import dataclasses
+
+    from models import PRESETS, preset_config
+
+    if num_layers is None:
+        return preset
+    name = f"{preset}-{num_layers}-layers"
+    cfg = preset_config(preset)
+    windows = (cfg.sliding_windows * num_layers)[:num_layers]  # the preset's layer pattern, repeated
+    PRESETS[name] = dataclasses.replace(cfg, num_layers=num_layers, sliding_windows=windows)
+    return name
 
 
 def greedy(preset: str, tp: int, dtype: str, n_tokens: int) -> dict:
@@ -76,13 +95,14 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--num-layers", type=int, default=None, help="the preset at this depth (default: its own)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compare", nargs=2, metavar="JSON", help="compare two runs' outputs instead of running")
     args = ap.parse_args()
     if args.compare:
         a, b = (json.loads(Path(p).read_text()) for p in args.compare)
         sys.exit(0 if compare(a, b) else 1)
-    result = greedy(args.preset, args.tensor_parallel_size, args.dtype, args.tokens)
+    result = greedy(at_depth(args.preset, args.num_layers), args.tensor_parallel_size, args.dtype, args.tokens)
     if args.out:
         Path(args.out).write_text(json.dumps(result))
     print(json.dumps({k: v for k, v in result.items() if k not in ("tokens", "top2_gaps")}))

@@ -56,6 +56,11 @@ class EngineConfig:
     # stream_interval. 1 sends every step; larger values trade smoothness for fewer messages,
     # which is what limits a busy server (benchmarks/RESULTS.md, Serving).
     stream_interval: int = 1
+    # Start-up compiles every bucket's program (ModelRunner.warmup); this many compile at once
+    # (XLA's compile releases the GIL). None: min(4, CPU count). On H200s 4 threads took the
+    # 8B TP 2 start-up from 213 s to 144 s with 15 more programs; 8 threads ran out of device
+    # memory outside JAX's allocator while autotuning (benchmarks/RESULTS.md, session 10).
+    compile_threads: int | None = None
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
     # JAX's own JAX_COMPILATION_CACHE_DIR, when set, is the default.
@@ -72,7 +77,7 @@ class EngineConfig:
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size",
-                     "stream_interval", "num_scheduler_steps"):
+                     "stream_interval", "num_scheduler_steps", "compile_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

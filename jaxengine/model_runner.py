@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import jax
@@ -526,14 +527,18 @@ class ModelRunner:
         return sorted({(t, min(self._bucket(self.seq_buckets, n, ""), t))
                        for n in range(1, top + 1) for t in [self._bucket(self.token_buckets, n, "")]})
 
-    def warmup(self, num_blocks: int, progress: bool = True) -> float:
+    def warmup(self, num_blocks: int, progress: bool = True, compile_threads: int = 1) -> float:
         """Compile every (T, S) forward bucket and the common sampler variants, allocate the
         KV cache of `num_blocks`, and run each program once; returns seconds.
 
         The programs are compiled ahead of the allocation, against an abstract cache of the
         real shape: on a GPU, XLA autotunes each matmul by running candidates in free device
         memory, and a cache sized to the memory budget leaves none. The runs that follow hit
-        the same executables (same shapes and shardings) and fill jit's dispatch cache."""
+        the same executables (same shapes and shardings) and fill jit's dispatch cache.
+
+        Lowering (tracing, Python) runs one program at a time; XLA's compile releases the GIL,
+        so up to `compile_threads` programs compile at once while the next ones are lowered.
+        A model's layers are unrolled, so each program's compile time grows with its depth."""
         t0 = time.perf_counter()
         pairs = sorted({(t, min(s, t)) for t in self.token_buckets for s in self.seq_buckets})
         # The plain sampler variants (use_top_k_top_p, all_greedy): all-greedy, temperature
@@ -560,6 +565,10 @@ class ModelRunner:
                 layout=layout, sampling_layout=slayout, num_steps=self.num_scheduler_steps,
                 use_top_k_top_p=use_top_k_top_p, all_greedy=all_greedy)
 
+        def lower_forward(t: int, s: int) -> jax.stages.Lowered:
+            buf, layout = self._forward_args(t, s)
+            return self._forward.lower(self.state, abstract_kv, buf, self.no_prev_tokens, layout=layout)
+
         total = 2 * (len(pairs) + len(samplers) + len(multis))
         # Seconds per phase, for start-up reports: (programs, seconds) of each compile group.
         self.warmup_breakdown: dict[str, tuple[int, float]] = {}
@@ -569,23 +578,22 @@ class ModelRunner:
             self.warmup_breakdown[name] = (n, now - since)
             return now
 
-        with tqdm(total=total, desc="compiling", disable=not progress, unit="program") as bar:
+        with tqdm(total=total, desc="compiling", disable=not progress, unit="program") as bar, \
+                ThreadPoolExecutor(max(1, compile_threads), thread_name_prefix="compile") as pool:
+
+            def compile_all(lowerings) -> None:  # lowerings: a generator, lowered as the pool compiles
+                for future in [pool.submit(lowered.compile) for lowered in lowerings]:
+                    future.result()
+                    bar.update()
+
             self.kv_caches = []  # no cache while compiling (a runner may be warmed up again)
             clock = time.perf_counter()
-            for t, s in pairs:
-                buf, layout = self._forward_args(t, s)
-                self._forward.lower(self.state, abstract_kv, buf, self.no_prev_tokens, layout=layout).compile()
-                bar.update()
+            compile_all(lower_forward(t, s) for t, s in pairs)
             clock = phase("compile_forward", len(pairs), clock)
-            for variant in samplers:
-                args, kwargs = sampler_args(*variant)
-                self._sample.lower(*args, **kwargs).compile()
-                bar.update()
+            compile_all(self._sample.lower(*args, **kwargs) for args, kwargs in (sampler_args(*v) for v in samplers))
             clock = phase("compile_sampler", len(samplers), clock)
-            for variant in multis:
-                args, kwargs = multi_args(*variant)
-                self._multi_decode.lower(self.state, abstract_kv, *args, **kwargs).compile()
-                bar.update()
+            compile_all(self._multi_decode.lower(self.state, abstract_kv, *args, **kwargs)
+                        for args, kwargs in (multi_args(*v) for v in multis))
             clock = phase("compile_multi_step", len(multis), clock)
             self.allocate_kv_cache(num_blocks)
             for t, s in pairs:

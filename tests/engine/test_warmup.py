@@ -4,33 +4,40 @@ runs after the allocation reuse those executables instead of compiling again."""
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
+import pytest
 from jax._src import dispatch, monitoring
 
 from jaxengine.model_runner import ModelRunner
 from models import random_model
 
 
-def test_programs_compile_before_the_kv_cache_is_allocated():
+@pytest.mark.parametrize("compile_threads", [1, 3])
+def test_programs_compile_before_the_kv_cache_is_allocated(compile_threads):
     runner = ModelRunner(random_model("tiny-llama", jnp.float32), num_blocks=None, block_size=16,
                          max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, kv_dtype=jnp.float32)
-    compiled = []  # (program name, cache allocated at the time)
+    compiled = []  # (program name, cache allocated at the time, compiling thread)
 
     def listener(event: str, duration: float, **kw) -> None:
         if event == dispatch.BACKEND_COMPILE_EVENT:
-            compiled.append((kw.get("fun_name", ""), bool(runner.kv_caches)))
+            compiled.append((kw.get("fun_name", ""), bool(runner.kv_caches), threading.current_thread().name))
 
     monitoring.register_event_duration_secs_listener(listener)
     try:
-        runner.warmup(num_blocks=20)
+        runner.warmup(num_blocks=20, compile_threads=compile_threads)
     finally:
         monitoring.unregister_event_duration_listener(listener)
-    steps = [(name, allocated) for name, allocated in compiled if "forward" in name or "sample" in name]
+    steps = [(name, allocated) for name, allocated, _ in compiled if "forward" in name or "sample" in name]
+    threads = {thread for name, _, thread in compiled if "forward" in name or "sample" in name}
     assert len(steps) >= len(runner.token_buckets)  # this hook does see the compiles
     assert not [name for name, allocated in steps if allocated], "a step program compiled after the KV cache"
     assert [c.shape[2] for c in runner.kv_caches] == [20] * runner.config.num_layers
     assert all(isinstance(c, jax.Array) for c in runner.kv_caches)
+    # The step programs compile in the warm-up's pool of threads, not on the caller's.
+    assert {name.split("_")[0] for name in threads} == {"compile"}
     # The start-up report: programs and seconds per phase (no multi-step programs at k = 1).
     phases = runner.warmup_breakdown
     assert list(phases) == ["compile_forward", "compile_sampler", "compile_multi_step", "allocate_and_first_runs"]
