@@ -106,7 +106,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
     del model
     common = {
         "preset": preset, "tensor_parallel_size": args.tensor_parallel_size, "startup_seconds": startup,
-        "compile_seconds": engine.compile_seconds, "warmup_breakdown": breakdown, "kv_blocks": engine.num_blocks,
+        "compile_seconds": engine.compile_seconds, "warmup_breakdown": breakdown,
+        "first_run_seconds": {k: round(v, 3) for k, v in engine.runner.first_run_seconds}, "kv_blocks": engine.num_blocks,
         "kv_tokens": engine.num_blocks * engine.config.block_size, "greedy_probe": probe,
         "first_token_agreement_with_dense": agree / len(check),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,

@@ -596,21 +596,29 @@ class ModelRunner:
                         for args, kwargs in (multi_args(*v) for v in multis))
             clock = phase("compile_multi_step", len(multis), clock)
             self.allocate_kv_cache(num_blocks)
+            jax.block_until_ready(self.kv_caches)
+            clock = phase("allocate_kv_cache", 0, clock)
+            # Each first run timed on its own (70B TP 4: 41 first runs took 55 s, cause unknown).
+            self.first_run_seconds: list[tuple[str, float]] = []
             for t, s in pairs:
                 buf, layout = self._forward_args(t, s)
+                since = time.perf_counter()
                 logits, self.kv_caches = self._forward(self.state, self.kv_caches, buf, self.no_prev_tokens, layout=layout)
+                jax.block_until_ready(logits)
+                self.first_run_seconds.append((f"forward T={t} S={s}", time.perf_counter() - since))
                 bar.update()
-            jax.block_until_ready(self.kv_caches)
+            clock = phase("first_runs_forward", len(pairs), clock)
             for variant in samplers:
                 args, kwargs = sampler_args(*variant)
                 jax.block_until_ready(self._sample(*args, **kwargs))
                 bar.update()
+            clock = phase("first_runs_sampler", len(samplers), clock)
             for variant in multis:
                 args, kwargs = multi_args(*variant)
                 out, self.kv_caches = self._multi_decode(self.state, self.kv_caches, *args, **kwargs)
                 jax.block_until_ready(out)
                 bar.update()
-            phase("allocate_and_first_runs", total // 2, clock)
+            phase("first_runs_multi_step", len(multis), clock)
         return time.perf_counter() - t0
 
     def model(self) -> CausalLM:

@@ -23,4 +23,5 @@ def test_throughput_on_cpu(tmp_path):
         assert 0 <= r["device_idle_fraction"] < 1
         phases = r["warmup_breakdown"]
         assert phases["compile_multi_step"]["programs"] > 0 and phases["compile_forward"]["seconds"] > 0
+        assert len(r["first_run_seconds"]) == phases["first_runs_forward"]["programs"]
     assert "engine up in" in proc.stderr and "fixed sync:" in proc.stderr  # progress as each phase ends

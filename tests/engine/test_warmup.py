@@ -40,6 +40,9 @@ def test_programs_compile_before_the_kv_cache_is_allocated(compile_threads):
     assert {name.split("_")[0] for name in threads} == {"compile"}
     # The start-up report: programs and seconds per phase (no multi-step programs at k = 1).
     phases = runner.warmup_breakdown
-    assert list(phases) == ["compile_forward", "compile_sampler", "compile_multi_step", "allocate_and_first_runs"]
+    assert list(phases) == ["compile_forward", "compile_sampler", "compile_multi_step", "allocate_kv_cache",
+                            "first_runs_forward", "first_runs_sampler", "first_runs_multi_step"]
+    assert [name for name, _ in runner.first_run_seconds] == [f"forward T={t} S={s}" for t, s in sorted(
+        {(t, min(s, t)) for t in runner.token_buckets for s in runner.seq_buckets})]
     assert phases["compile_forward"][0] >= len(runner.token_buckets) and phases["compile_multi_step"][0] == 0
     assert all(seconds >= 0 for _, seconds in phases.values())
