@@ -15,9 +15,9 @@ Backend: the Pallas *Triton* lowering (`jax.experimental.pallas.triton`), not Mo
   under the generic `interpret=True` HLO interpreter, which is stable in 0.10 and 0.11
   and fast enough for the suite. A Mosaic GPU kernel needs the new GPU interpreter
   (`InterpretGPUParams`, which simulates threads, TMA and barriers): new in 0.10 and
-  still moving; and a Mosaic GPU kernel cannot be lowered without a GPU, while this one
-  cross-lowers on CPU (`.lower(lowering_platforms=("cuda",))`), which let us check it
-  before spending the small GPU budget.
+  still moving. Both backends cross-lower on CPU (`.lower(lowering_platforms=("cuda",))`;
+  a Mosaic GPU body under jax 0.11.2 in a Python 3.12 venv, benchmarks/kernels_NOTES.md),
+  which checks a kernel before spending the small GPU budget.
 - The work: decode is memory bound (~1 flop/byte at GQA 4..8), so what matters is
   streaming pages at HBM speed, which Triton's pipelined (cp.async) loads do; prefill
   tiles use `tl.dot` (Triton's own MMA lowering; whether it became wgmma on sm_90 was
