@@ -2,8 +2,9 @@
 table of decode and prefill/mixed shapes against the two rooflines measured in the same
 run (HBM bandwidth from a large device copy, bf16 matmul rate from an 8192^3 product) and
 against JAX's own Pallas `paged_attention` (decode) and `jax.nn.dot_product_attention`
-(cuDNN, contiguous K/V). Also times the KV write (XLA scatter, in place) next to the
-attention it feeds. Writes JSON (device kind, jax version, git SHA) to $OUT or --out.
+(cuDNN, contiguous K/V). Then the Mosaic GPU prefill body on the prefill shapes (checked
+against the reference, then timed in a few block_kv/stages variants). Also times the KV
+write (XLA scatter, in place) next to the attention it feeds. Writes JSON (device kind, jax version, git SHA) to $OUT or --out.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py [--quick] [--tune] [--out DIR]
 """
@@ -28,6 +29,7 @@ from pallas_kernels import (  # noqa: E402
     ragged_paged_attention_reference,
     write_kv,
 )
+from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic  # noqa: E402
 
 HKV, D, PS, DTYPE = 8, 128, 16, jnp.bfloat16
 RESULTS: dict = {"rows": [], "tune": [], "checks": [], "errors": []}
@@ -340,6 +342,60 @@ def prefill_section(cache, num_pages, bw, peak, shapes):
         log(fmt(r))
 
 
+# (block_kv, stages) variants of the Mosaic GPU prefill body, timed on every prefill shape.
+MOSAIC_VARIANTS = ((128, 2), (64, 3), (64, 2))
+
+
+MOSAIC_CHECKS = (("mosaic mixed", [1, 300, 1, 77, 1], [900, 300, 17, 1100, 1]), ("mosaic prefill 1x2k", [2048], [2048]))
+
+
+def mosaic_section(cache, num_pages, bw, peak, shapes, checks=MOSAIC_CHECKS):
+    """The Mosaic GPU prefill body (not used by the engine yet): its error against the
+    reference on two batches first, then the prefill shapes, each checked against the
+    Triton body's output before it is timed."""
+    good = False
+    for name, ql, kl in checks:
+        try:
+            b = ragged_batch(ql, kl, 32, num_pages, jax.random.key(5), pad_to=sum(ql) + 5)
+            args = (b["q"], cache, b["kv_lens"], b["page_indices"], b["cu_q_lens"], b["num_seqs"])
+            o = np.asarray(ragged_paged_attention_mosaic(*args, sm_scale=D**-0.5).astype(jnp.float32))
+            e = rel(o, ragged_paged_attention_reference(*args, sm_scale=D**-0.5).astype(jnp.float32))
+            ok = bool(np.isfinite(o).all() and e < 1.5e-2 and not o[sum(ql):].any())
+            good |= ok
+            RESULTS["checks"].append(dict(name=name, hq=32, dtype="bfloat16", rel_err=e, ok=ok))
+            log(f"check {name:18s} hq=32 bfloat16 rel={e:.2e} {'ok' if ok else 'FAIL'}")
+        except Exception as ex:
+            RESULTS["errors"].append(f"check {name}: {ex!r}"[:2000])
+            log(f"check {name} ERROR {ex!r}"[:800])
+            traceback.print_exc()
+    if not good:
+        log("the Mosaic GPU body never matched the reference: no timings")
+        return
+    for name, ql, kl, hq in shapes:
+        b = ragged_batch(ql, kl, hq, num_pages, jax.random.key(len(ql) + sum(kl)))
+        flops, nbytes = attn_cost(ql, kl, hq)
+        sm = D**-0.5
+        args = (b["q"], cache, b["kv_lens"], b["page_indices"], b["cu_q_lens"], b["num_seqs"])
+        triton = ragged_paged_attention(*args, sm_scale=sm, interpret=SMOKE)
+        cudnn_t = next((r.get("t_cudnn") for r in RESULTS["rows"] if r["name"] == name), None)
+        for block_kv, stages in MOSAIC_VARIANTS:
+            label = f"{name} mosaic {block_kv}/{stages}"
+
+            def fn(dep, q, cache, kv_lens, pt, cu, ns, block_kv=block_kv, stages=stages):
+                return ragged_paged_attention_mosaic(q, cache, kv_lens, pt, cu, ns + dep, sm_scale=sm,
+                                                     block_kv=block_kv, stages=stages)
+            try:
+                e = rel(fn(jnp.int32(0), *args).astype(jnp.float32), triton.astype(jnp.float32))
+            except Exception as ex:
+                RESULTS["errors"].append(f"{label}: {ex!r}"[:2000])
+                log(f"  {label}: ERROR {ex!r}"[:600])
+                continue
+            t = try_time(label, fn, args, reps_for(flops / peak)) if e < 2e-2 else None
+            r = row("prefill-mosaic", label, hq, t, flops, nbytes, bw, peak,
+                    {"rel_vs_triton": e, "t_cudnn": cudnn_t, "block_kv": block_kv, "stages": stages})
+            log(fmt(r) + ("" if t else f"  (rel vs Triton body {e:.2e}: not timed)"))
+
+
 def kv_write_section(num_pages, bw):
     """XLA scatter of a step's K/V into the (donated, in-place) cache, next to attention."""
     cache = make_cache(num_pages, jax.random.key(9))
@@ -486,6 +542,10 @@ def main():
     prefill_section(cache, num_pages, bw, peak, prefill)
     log(f"prefill done ({time.time() - t_start:.0f}s)")
     save()
+    if not SMOKE:  # on the CPU it needs the Mosaic GPU interpreter (tests/kernels cover it)
+        mosaic_section(cache, num_pages, bw, peak, prefill)
+        log(f"mosaic prefill done ({time.time() - t_start:.0f}s)")
+        save()
     del cache
     kv_write_section(num_pages, bw)
 

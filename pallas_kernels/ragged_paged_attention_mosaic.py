@@ -1,10 +1,11 @@
 """Ragged paged attention for prefill on Hopper, written for the Pallas Mosaic GPU backend.
 
-STATUS: lowers for sm_90 on the CPU (jax 0.10.2 and 0.11.2; `tests/kernels/
-test_mosaic_lowering.py`); never run on a GPU yet, so neither its numerics nor its speed
-are known, and nothing in the engine calls it. `benchmarks/kernels.py` has no row for it
-yet. Next: one GPU call with the rel-err checks against
-`ragged_paged_attention_reference` and the prefill rows of `benchmarks/kernels.py`.
+STATUS: checked on the CPU only. It matches the reference in JAX's Mosaic GPU interpreter
+(simulated warpgroups, TMA and barriers; jax 0.10.2 and 0.11.2) and its GPU path lowers
+for sm_90 (`tests/kernels/test_ragged_paged_attention_mosaic.py`). It has never run on a
+GPU, so its speed is unknown, and the engine does not call it. `benchmarks/kernels.py`
+checks it against the reference on the GPU and then times it on the prefill shapes
+beside the Triton body (rows "... mosaic block_kv/stages").
 
 Why a second body: the Triton-lowered kernel (`ragged_paged_attention`) streams decode
 at the HBM rate but reaches only 22-34% of the bf16 matmul rate on prefill (no TMA, no

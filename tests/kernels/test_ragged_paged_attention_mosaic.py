@@ -1,0 +1,77 @@
+"""The Mosaic GPU prefill body on the CPU: run in JAX's Mosaic GPU interpreter (simulated
+warpgroups, TMA copies and barriers) against the jnp reference, and lowered for sm_90
+unchanged (the interpreter path keeps the softmax weights and K^T in shared memory; the
+GPU path keeps the weights in registers and transposes K in the wgmma, which only the
+lowering test covers)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic, supports
+from tests.kernels.paged_attention_inputs import make_case, rel_err
+
+try:  # jax 0.11 exports it from plgpu; 0.10 does not
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except ImportError:  # pragma: no cover
+    InterpretGPUParams = None
+
+TOL = {jnp.bfloat16: 1.5e-2, jnp.float16: 3e-3}
+
+
+def run_interpreted(case, dtype, **kw):
+    args = [jnp.asarray(a) for a in case.args()]
+    args[0], args[1] = args[0].astype(dtype), args[1].astype(dtype)
+    sm_scale = case.q.shape[-1] ** -0.5
+    ref = ragged_paged_attention_reference(*args, sm_scale=sm_scale)
+    out = ragged_paged_attention_mosaic(*args, sm_scale=sm_scale, interpret=InterpretGPUParams(), **kw)
+    return np.asarray(out.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32))
+
+
+@pytest.mark.skipif(InterpretGPUParams is None, reason="this jax has no Mosaic GPU interpreter")
+@pytest.mark.parametrize("name, q_lens, kv_lens, group, page_size, block_kv, dtype", [
+    # fresh prefills (one block of 128 rows: both consumers, the second one partly padding)
+    # and a chunk whose context spans three KV steps, with the ring turning (2 stages)
+    ("prefill + chunk", [10, 70], [10, 150], 2, 16, 64, jnp.bfloat16),
+    # decodes (q_len 1) beside a chunk; kv_len at a page boundary +-1; pages of 32 tokens
+    ("mixed", [1, 1, 1, 40], [31, 32, 33, 130], 4, 32, 64, jnp.float16),
+])
+def test_interpreted_kernel_matches_reference(name, q_lens, kv_lens, group, page_size, block_kv, dtype):
+    # NaN in every page no sequence owns, past kv_len in each last page, in block-table
+    # entries past a sequence's pages, and garbage in padded tokens and sequences.
+    case = make_case(q_lens, kv_lens, num_q_heads=group, num_kv_heads=1, head_dim=64,
+                     page_size=page_size, pad_tokens=3, pad_seqs=1, seed=len(name))
+    out, ref = run_interpreted(case, dtype, block_kv=block_kv)
+    assert np.isfinite(out).all(), "NaN from unused pages leaked into the output"
+    assert rel_err(out, ref) < TOL[dtype], f"{name}: rel err {rel_err(out, ref):.2e}"
+    assert not out[case.cu_q_lens[case.num_seqs[0]]:].any(), "padding tokens must come out as zeros"
+
+
+@pytest.mark.parametrize("head_dim, page_size, block_kv, dtype", [
+    (128, 16, 128, jnp.bfloat16), (128, 16, 64, jnp.bfloat16), (64, 64, 64, jnp.float16), (256, 32, 64, jnp.bfloat16)])
+def test_gpu_path_lowers_for_sm90(head_dim, page_size, block_kv, dtype):
+    """The GPU path (weights in registers, transposed K operand, layout hints) goes through
+    the whole Mosaic GPU lowering: layouts, wgmma operand rules, smem and barriers."""
+    t, s, hq, hkv, num_pages, pages = 512, 4, 32, 8, 256, 64
+    sd = jax.ShapeDtypeStruct
+    args = (sd((t, hq, head_dim), dtype), sd((2, hkv, num_pages, page_size, head_dim), dtype), sd((s,), jnp.int32),
+            sd((s, pages), jnp.int32), sd((s + 1,), jnp.int32), sd((), jnp.int32))
+    lowered = ragged_paged_attention_mosaic.trace(*args, sm_scale=head_dim ** -0.5, block_kv=block_kv).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_what_it_does_not_take_is_refused():
+    q = jnp.zeros((8, 4, 128), jnp.bfloat16)
+    cache = jnp.zeros((2, 2, 8, 16, 128), jnp.bfloat16)
+    assert supports(q, cache, 128, None, None)
+    assert not supports(q.astype(jnp.float32), cache.astype(jnp.float32), 128, None, None)
+    assert not supports(q, cache, 128, 64, None)  # sliding window
+    assert not supports(q, cache, 128, None, 30.0)  # soft cap
+    assert not supports(q, cache, 48, None, None)  # KV step not a multiple of 64
+    args = (q.astype(jnp.float32), cache.astype(jnp.float32), jnp.ones(2, jnp.int32), jnp.zeros((2, 1), jnp.int32),
+            jnp.array([0, 1, 2], jnp.int32), jnp.array(2, jnp.int32))
+    with pytest.raises(ValueError, match="Mosaic GPU body does not take"):
+        ragged_paged_attention_mosaic(*args, sm_scale=0.1)
