@@ -43,6 +43,7 @@ and rows past cu_q_lens[num_seqs] are masked: NaN/garbage there never reaches th
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,38 @@ def _pallas_call_triton(
 # ---------------------------------------------------------------------- public wrapper
 
 
+class QueryBlocks(NamedTuple):
+    num_seqs: jax.Array  # [] int32, clipped to [0, S]
+    cu_q_lens: jax.Array  # [S + 1] int32, clipped to [0, T]
+    q_lens: jax.Array  # [S] int32, 0 past num_seqs
+    kv_lens: jax.Array  # [S] int32, clipped to the page table's capacity
+    cu_blocks: jax.Array  # [S + 1] int32: first query block of each sequence
+    num_blocks: int  # NB, a static bound on the number of blocks
+    seq: jax.Array  # [NB] int32: each block's sequence (clipped to [0, S - 1])
+    start: jax.Array  # [NB] int32: its first token within the sequence
+    real: jax.Array  # [NB] bool: False for the blocks past the last one
+
+
+def query_blocks(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
+                 max_kv_len: int, block_q: int) -> QueryBlocks:
+    """The ragged metadata sanitised so that nothing a kernel reads can be out of bounds, and
+    the query blocks: block_q tokens of one sequence each. Sum_s cdiv(q_len_s, block_q) <=
+    cdiv(T - min(S, T), block_q) + min(S, T) bounds their number statically."""
+    t, s_max = num_tokens, kv_lens.shape[0]
+    n = jnp.clip(jnp.reshape(num_seqs, ()).astype(jnp.int32), 0, s_max)
+    cu = jnp.clip(cu_q_lens.astype(jnp.int32), 0, t)
+    q_lens = jnp.where(jnp.arange(s_max) < n, jnp.maximum(cu[1:] - cu[:-1], 0), 0)
+    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(-(-q_lens // block_q))]).astype(jnp.int32)
+    s_t = min(s_max, t)
+    nb = max(1, -(-(t - s_t) // block_q) + s_t)
+    bids = jnp.arange(nb, dtype=jnp.int32)
+    # compare_all: one fused compare (the default 'scan' is a while loop, ~10 us a step on GPUs).
+    seq = jnp.clip(jnp.searchsorted(cu_blocks[1:], bids, side="right", method="compare_all"), 0, s_max - 1)
+    seq = seq.astype(jnp.int32)
+    return QueryBlocks(n, cu, q_lens, jnp.clip(kv_lens.astype(jnp.int32), 0, max_kv_len), cu_blocks, nb,
+                       seq, ((bids - cu_blocks[seq]) * block_q).astype(jnp.int32), bids < cu_blocks[s_max])
+
+
 def _validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, bs_args):
     if q.ndim != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
@@ -371,28 +404,12 @@ def ragged_paged_attention(
         unmasked_interior = dflt.unmasked_interior
     tile_rows = _next_pow2(max(16, block_q * group))
 
-    # Sanitise the ragged metadata so that nothing the kernel reads can be out of bounds.
-    n = jnp.clip(jnp.reshape(num_seqs, ()).astype(jnp.int32), 0, s_max)
-    cu = jnp.clip(cu_q_lens.astype(jnp.int32), 0, t)
-    seq_ids = jnp.arange(s_max, dtype=jnp.int32)
-    q_lens = jnp.where(seq_ids < n, jnp.maximum(cu[1:] - cu[:-1], 0), 0)
-    kv_lens_c = jnp.clip(kv_lens.astype(jnp.int32), 0, p * page_size)
+    blocks = query_blocks(cu_q_lens, num_seqs, kv_lens, t, p * page_size, block_q)
+    n, cu, kv_lens_c, nb = blocks.num_seqs, blocks.cu_q_lens, blocks.kv_lens, blocks.num_blocks
+    blk_seq = jnp.where(blocks.real, blocks.seq, -1)
+    blk_start = blocks.start
     p_pad = -(-p // pages_per_block) * pages_per_block
     pages = jnp.pad(page_indices.astype(jnp.int32), ((0, 0), (0, p_pad - p)))
-
-    # Query blocks: block_q tokens of one sequence each. Sum_s cdiv(q_len_s, block_q)
-    # <= cdiv(T - min(S, T), block_q) + min(S, T) bounds their number statically.
-    n_blocks = -(-q_lens // block_q)
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n_blocks)])
-    s_t = min(s_max, t)
-    nb = max(1, -(-(t - s_t) // block_q) + s_t)
-    bids = jnp.arange(nb, dtype=jnp.int32)
-    # compare_all: one fused compare (the default 'scan' is a while loop, ~10 us a step on GPUs).
-    blk_seq = jnp.searchsorted(cu_blocks[1:], bids, side="right", method="compare_all")
-    blk_seq = jnp.clip(blk_seq, 0, s_max - 1)
-    blk_seq = blk_seq.astype(jnp.int32)
-    blk_start = ((bids - cu_blocks[blk_seq]) * block_q).astype(jnp.int32)
-    blk_seq = jnp.where(bids < cu_blocks[s_max], blk_seq, -1)
 
     # Query rows per KV head, token-major x group, padded so a tile never runs past.
     q_t = q.reshape(t, hkv, group, d).transpose(1, 0, 2, 3).reshape(hkv, t * group, d)

@@ -38,6 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.ragged_paged_attention import query_blocks
+
 ROWS = 64  # query rows per consumer warpgroup: one wgmma M tile
 CONSUMERS = 2
 BLOCK_Q = ROWS * CONSUMERS  # query tokens of one sequence per program
@@ -259,29 +261,16 @@ def ragged_paged_attention_mosaic(
     t, hq, d = q.shape
     page_size = kv_cache.shape[3]
     s_max, p = page_indices.shape
-    n = jnp.clip(jnp.reshape(num_seqs, ()).astype(jnp.int32), 0, s_max)
-    cu = jnp.clip(cu_q_lens.astype(jnp.int32), 0, t)
-    seq_ids = jnp.arange(s_max, dtype=jnp.int32)
-    q_lens = jnp.where(seq_ids < n, jnp.maximum(cu[1:] - cu[:-1], 0), 0)
-    kv_lens_c = jnp.clip(kv_lens.astype(jnp.int32), 0, p * page_size)
+    blocks = query_blocks(cu_q_lens, num_seqs, kv_lens, t, p * page_size, BLOCK_Q)
+    cu, nb, blk_seq, blk_start = blocks.cu_q_lens, blocks.num_blocks, blocks.seq, blocks.start
     pages_per_step = block_kv // page_size
     pages = jnp.pad(page_indices.astype(jnp.int32), ((0, 0), (0, -p % pages_per_step)))
-
-    # Query blocks: BLOCK_Q tokens of one sequence each; their number is bounded statically.
-    n_blocks = -(-q_lens // BLOCK_Q)
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n_blocks)])
-    s_t = min(s_max, t)
-    nb = max(1, -(-(t - s_t) // BLOCK_Q) + s_t)
-    bids = jnp.arange(nb, dtype=jnp.int32)
-    blk_seq = jnp.clip(jnp.searchsorted(cu_blocks[1:], bids, side="right", method="compare_all"), 0, s_max - 1)
-    blk_start = (bids - cu_blocks[blk_seq]) * BLOCK_Q
-    real = bids < cu_blocks[s_max]
-    meta = jnp.stack([
+    meta = jnp.stack([  # [NB, 4]
         blk_seq,
-        kv_lens_c[blk_seq] - q_lens[blk_seq] + blk_start,
-        jnp.where(real, kv_lens_c[blk_seq], 0),
+        blocks.kv_lens[blk_seq] - blocks.q_lens[blk_seq] + blk_start,
+        jnp.where(blocks.real, blocks.kv_lens[blk_seq], 0),
         jnp.zeros_like(blk_seq),
-    ], axis=1).astype(jnp.int32)  # [NB, 4]
+    ], axis=1)
 
     # Gather q into blocks (rows past a sequence's end repeat some token: garbage, dropped).
     tok = jnp.clip(cu[blk_seq][:, None] + blk_start[:, None] + jnp.arange(BLOCK_Q), 0, t - 1)
@@ -293,6 +282,6 @@ def ragged_paged_attention_mosaic(
     tokens = jnp.arange(t, dtype=jnp.int32)
     tok_seq = jnp.clip(jnp.searchsorted(cu[1:], tokens, side="right", method="compare_all"), 0, s_max - 1)
     i = tokens - cu[tok_seq]
-    rows = jnp.clip((cu_blocks[tok_seq] + i // BLOCK_Q) * BLOCK_Q + i % BLOCK_Q, 0, nb * BLOCK_Q - 1)
+    rows = jnp.clip((blocks.cu_blocks[tok_seq] + i // BLOCK_Q) * BLOCK_Q + i % BLOCK_Q, 0, nb * BLOCK_Q - 1)
     out = out_blk[:, rows].transpose(1, 0, 2)  # [T, Hq, D]
-    return jnp.where((tokens < cu[n])[:, None, None], out, jnp.zeros_like(out))
+    return jnp.where((tokens < cu[blocks.num_seqs])[:, None, None], out, jnp.zeros_like(out))
