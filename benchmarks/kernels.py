@@ -342,8 +342,8 @@ def prefill_section(cache, num_pages, bw, peak, shapes):
         log(fmt(r))
 
 
-# (block_kv, stages) variants of the Mosaic GPU prefill body, timed on every prefill shape.
-MOSAIC_VARIANTS = ((128, 2), (64, 3), (64, 2))
+# (block_kv, stages, pingpong) variants of the Mosaic GPU prefill body, timed on every prefill shape.
+MOSAIC_VARIANTS = ((128, 2, False), (128, 2, True), (64, 3, False), (64, 3, True))
 
 
 MOSAIC_CHECKS = (("mosaic mixed", [1, 300, 1, 77, 1], [900, 300, 17, 1100, 1]), ("mosaic prefill 1x2k", [2048], [2048]))
@@ -378,12 +378,12 @@ def mosaic_section(cache, num_pages, bw, peak, shapes, checks=MOSAIC_CHECKS):
         args = (b["q"], cache, b["kv_lens"], b["page_indices"], b["cu_q_lens"], b["num_seqs"])
         triton = ragged_paged_attention(*args, sm_scale=sm, interpret=SMOKE)
         cudnn_t = next((r.get("t_cudnn") for r in RESULTS["rows"] if r["name"] == name), None)
-        for block_kv, stages in MOSAIC_VARIANTS:
-            label = f"{name} mosaic {block_kv}/{stages}"
+        for block_kv, stages, pingpong in MOSAIC_VARIANTS:
+            label = f"{name} mosaic {block_kv}/{stages}{' pp' if pingpong else ''}"
 
-            def fn(dep, q, cache, kv_lens, pt, cu, ns, block_kv=block_kv, stages=stages):
+            def fn(dep, q, cache, kv_lens, pt, cu, ns, block_kv=block_kv, stages=stages, pingpong=pingpong):
                 return ragged_paged_attention_mosaic(q, cache, kv_lens, pt, cu, ns + dep, sm_scale=sm,
-                                                     block_kv=block_kv, stages=stages)
+                                                     block_kv=block_kv, stages=stages, pingpong=pingpong)
             try:
                 e = rel(fn(jnp.int32(0), *args).astype(jnp.float32), triton.astype(jnp.float32))
             except Exception as ex:
@@ -392,7 +392,8 @@ def mosaic_section(cache, num_pages, bw, peak, shapes, checks=MOSAIC_CHECKS):
                 continue
             t = try_time(label, fn, args, reps_for(flops / peak)) if e < 2e-2 else None
             r = row("prefill-mosaic", label, hq, t, flops, nbytes, bw, peak,
-                    {"rel_vs_triton": e, "t_cudnn": cudnn_t, "block_kv": block_kv, "stages": stages})
+                    {"rel_vs_triton": e, "t_cudnn": cudnn_t, "block_kv": block_kv, "stages": stages,
+                     "pingpong": pingpong})
             log(fmt(r) + ("" if t else f"  (rel vs Triton body {e:.2e}: not timed)"))
 
 

@@ -5,7 +5,7 @@ STATUS: checked on the CPU only. It matches the reference in JAX's Mosaic GPU in
 for sm_90 (`tests/kernels/test_ragged_paged_attention_mosaic.py`). It has never run on a
 GPU, so its speed is unknown, and the engine does not call it. `benchmarks/kernels.py`
 checks it against the reference on the GPU and then times it on the prefill shapes
-beside the Triton body (rows "... mosaic block_kv/stages").
+beside the Triton body (rows "... mosaic block_kv/stages[ pp]").
 
 Why a second body: the Triton-lowered kernel (`ragged_paged_attention`) streams decode
 at the HBM rate but reaches only 22-34% of the bf16 matmul rate on prefill (no TMA, no
@@ -48,13 +48,17 @@ _MASKED = -1e30  # finite: a row masked whole in one step must not turn exp2 int
 
 
 def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: float, group: int,
-            block_kv: int, page_size: int, stages: int, num_pages: int, interpreting: bool):
+            block_kv: int, page_size: int, stages: int, num_pages: int, pingpong: bool, interpreting: bool):
     """One program: query block `block` (BLOCK_Q tokens of one sequence) x query head `head`.
 
     meta_ref [NB, 4] int32: sequence, position of the block's first token, kv_len (0 for
     a block with no tokens), unused. pages_ref [S, P'] int32. q_ref / o_ref [Hq, NB *
-    BLOCK_Q, D]. kv_ref [2, Hkv, num_pages, page_size, D]."""
-    (q_smem, k_smem, v_smem, p_smem, kt_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = scratch
+    BLOCK_Q, D]. kv_ref [2, Hkv, num_pages, page_size, D].
+
+    pingpong (FlashAttention-3's warpgroup scheduling): the consumers take turns on the
+    tensor cores, one issuing its matmuls while the other runs its softmax, paired through
+    the `turn` barrier; consumer 1 starts one turn late and consumer 0 ends one turn late."""
+    (q_smem, k_smem, v_smem, p_smem, kt_smem), (q_ready, k_ready, v_ready), (k_free, v_free), turn = scratch
     block, head, wg = lax.axis_index("block"), lax.axis_index("head"), lax.axis_index("wg")
     seq, pos0, kv_len = meta_ref[block, 0], meta_ref[block, 1], meta_ref[block, 2]
     kv_head = head // group
@@ -110,6 +114,11 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
 
+    def take_turn():  # both consumers arrive; each waits for the other's arrival
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
     @pl.when(wg < CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
@@ -136,6 +145,7 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_tile, k_t)
+                take_turn()  # let the other consumer issue while this one waits and softmaxes
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)) * scale
@@ -148,7 +158,11 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if pingpong:
+                plgpu.barrier_arrive(turn)  # softmax done
             plgpu.barrier_wait(v_ready.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(turn)  # the other consumer is off the tensor cores
             v_tile = v_smem.at[slot]
             if masked:  # keys past kv_len may hold NaN, and p = 0 times NaN is NaN: zero them
                 @pl.when(kv_len - step * block_kv < block_kv)
@@ -176,6 +190,7 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
             wgmma_layout(jnp.full((ROWS,), _MASKED, jnp.float32), reduced=True),
             wgmma_layout(jnp.zeros((ROWS,), jnp.float32), reduced=True),
         )
+        pl.when(wg == 1)(take_turn)
         carry = lax.fori_loop(0, unmasked, functools.partial(step_fn, masked=False), carry)
         acc, _, l_i = lax.fori_loop(unmasked, steps, functools.partial(step_fn, masked=True), carry)
 
@@ -186,14 +201,18 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
+            take_turn()  # the two turns of a step, so the other consumer's turns stay paired
+            take_turn()
 
+        pl.when(wg == 0)(take_turn)
         q_tile[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(q_tile.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_tile, o_ref.at[head, pl.ds(row0, ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
 
-def _call(meta, pages, q_blk, kv_cache, *, sm_scale: float, block_kv: int, stages: int, interpret):
+def _call(meta, pages, q_blk, kv_cache, *, sm_scale: float, block_kv: int, stages: int, pingpong: bool,
+          interpret):
     """interpret: None on a GPU, or plgpu.InterpretGPUParams() to run on the CPU, where the
     softmax weights go through shared memory (the GPU keeps them in registers)."""
     hq, rows, d = q_blk.shape
@@ -207,7 +226,7 @@ def _call(meta, pages, q_blk, kv_cache, *, sm_scale: float, block_kv: int, stage
             lambda *scratch: _kernel(
                 meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, sm_scale=sm_scale,
                 group=hq // hkv, block_kv=block_kv, page_size=page_size, stages=stages, num_pages=num_pages,
-                interpreting=interpret is not None),
+                pingpong=pingpong, interpreting=interpret is not None),
             (plgpu.SMEM((CONSUMERS, ROWS, d), q_blk.dtype, **smem),
              plgpu.SMEM((stages, block_kv, d), kv_cache.dtype, **smem),
              plgpu.SMEM((stages, block_kv, d), kv_cache.dtype, **smem),
@@ -217,6 +236,7 @@ def _call(meta, pages, q_blk, kv_cache, *, sm_scale: float, block_kv: int, stage
              plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),  # one arrival a page copy
              plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages)),
             (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=CONSUMERS),
             collective_axes="wg",
         )
 
@@ -240,7 +260,7 @@ def supports(q: jax.Array, kv_cache: jax.Array, block_kv: int, sliding_window, s
             and block_kv % 64 == 0 and block_kv % page_size == 0)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "stages", "pingpong", "interpret"))
 def ragged_paged_attention_mosaic(
     q: jax.Array,  # [T, Hq, D]
     kv_cache: jax.Array,  # [2, Hkv, num_pages, page_size, D]
@@ -252,6 +272,7 @@ def ragged_paged_attention_mosaic(
     sm_scale: float,
     block_kv: int = 128,
     stages: int = 2,
+    pingpong: bool = False,
     interpret=None,
 ) -> jax.Array:  # [T, Hq, D]
     """`ragged_paged_attention_reference`'s result for what `supports` accepts."""
@@ -276,7 +297,7 @@ def ragged_paged_attention_mosaic(
     tok = jnp.clip(cu[blk_seq][:, None] + blk_start[:, None] + jnp.arange(BLOCK_Q), 0, t - 1)
     q_blk = q[tok.reshape(-1)].transpose(1, 0, 2)  # [Hq, NB * BLOCK_Q, D]
     out_blk = _call(meta, pages, q_blk, kv_cache, sm_scale=float(sm_scale), block_kv=block_kv, stages=stages,
-                    interpret=interpret)
+                    pingpong=pingpong, interpret=interpret)
 
     # And back: token i of sequence s is row i % BLOCK_Q of block cu_blocks[s] + i // BLOCK_Q.
     tokens = jnp.arange(t, dtype=jnp.int32)

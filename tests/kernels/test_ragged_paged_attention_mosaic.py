@@ -31,34 +31,37 @@ def run_interpreted(case, dtype, **kw):
 
 
 @pytest.mark.skipif(InterpretGPUParams is None, reason="this jax has no Mosaic GPU interpreter")
-@pytest.mark.parametrize("name, q_lens, kv_lens, group, page_size, block_kv, dtype", [
+@pytest.mark.parametrize("name, q_lens, kv_lens, group, page_size, block_kv, dtype, pingpong", [
     # fresh prefills (one block of 128 rows: both consumers, the second one partly padding)
     # and a chunk whose context spans three KV steps, with the ring turning (2 stages)
-    ("prefill + chunk", [10, 70], [10, 150], 2, 16, 64, jnp.bfloat16),
-    # decodes (q_len 1) beside a chunk; kv_len at a page boundary +-1; pages of 32 tokens
-    ("mixed", [1, 1, 1, 40], [31, 32, 33, 130], 4, 32, 64, jnp.float16),
+    ("prefill + chunk", [10, 70], [10, 150], 2, 16, 64, jnp.bfloat16, False),
+    # decodes (q_len 1) beside a chunk; kv_len at a page boundary +-1; pages of 32 tokens;
+    # the consumers taking turns (their turns must pair up even where one has fewer steps)
+    ("mixed", [1, 1, 1, 40], [31, 32, 33, 130], 4, 32, 64, jnp.float16, True),
 ])
-def test_interpreted_kernel_matches_reference(name, q_lens, kv_lens, group, page_size, block_kv, dtype):
+def test_interpreted_kernel_matches_reference(name, q_lens, kv_lens, group, page_size, block_kv, dtype, pingpong):
     # NaN in every page no sequence owns, past kv_len in each last page, in block-table
     # entries past a sequence's pages, and garbage in padded tokens and sequences.
     case = make_case(q_lens, kv_lens, num_q_heads=group, num_kv_heads=1, head_dim=64,
                      page_size=page_size, pad_tokens=3, pad_seqs=1, seed=len(name))
-    out, ref = run_interpreted(case, dtype, block_kv=block_kv)
+    out, ref = run_interpreted(case, dtype, block_kv=block_kv, pingpong=pingpong)
     assert np.isfinite(out).all(), "NaN from unused pages leaked into the output"
     assert rel_err(out, ref) < TOL[dtype], f"{name}: rel err {rel_err(out, ref):.2e}"
     assert not out[case.cu_q_lens[case.num_seqs[0]]:].any(), "padding tokens must come out as zeros"
 
 
-@pytest.mark.parametrize("head_dim, page_size, block_kv, dtype", [
-    (128, 16, 128, jnp.bfloat16), (128, 16, 64, jnp.bfloat16), (64, 64, 64, jnp.float16), (256, 32, 64, jnp.bfloat16)])
-def test_gpu_path_lowers_for_sm90(head_dim, page_size, block_kv, dtype):
+@pytest.mark.parametrize("head_dim, page_size, block_kv, dtype, pingpong", [
+    (128, 16, 128, jnp.bfloat16, False), (128, 16, 128, jnp.bfloat16, True), (128, 16, 64, jnp.bfloat16, False),
+    (64, 64, 64, jnp.float16, False), (256, 32, 64, jnp.bfloat16, True)])
+def test_gpu_path_lowers_for_sm90(head_dim, page_size, block_kv, dtype, pingpong):
     """The GPU path (weights in registers, transposed K operand, layout hints) goes through
     the whole Mosaic GPU lowering: layouts, wgmma operand rules, smem and barriers."""
     t, s, hq, hkv, num_pages, pages = 512, 4, 32, 8, 256, 64
     sd = jax.ShapeDtypeStruct
     args = (sd((t, hq, head_dim), dtype), sd((2, hkv, num_pages, page_size, head_dim), dtype), sd((s,), jnp.int32),
             sd((s, pages), jnp.int32), sd((s + 1,), jnp.int32), sd((), jnp.int32))
-    lowered = ragged_paged_attention_mosaic.trace(*args, sm_scale=head_dim ** -0.5, block_kv=block_kv).lower(
+    lowered = ragged_paged_attention_mosaic.trace(*args, sm_scale=head_dim ** -0.5, block_kv=block_kv,
+                                                  pingpong=pingpong).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
