@@ -83,6 +83,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.compile_threads is None:
+            self.compile_threads = min(4, os.cpu_count() or 1)
 
     def resolve_platform_defaults(self) -> None:
         """Fill the defaults that depend on the device. This initialises JAX's backends, so it

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import logging
 import random
 import time
@@ -200,8 +199,8 @@ class EngineCore:
             max_model_len=self.max_model_len, block_size=config.block_size, num_blocks=self.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching, policy=config.scheduling_policy,
         ))
-        threads = config.compile_threads or min(4, os.cpu_count() or 1)
-        self.compile_seconds = self.runner.warmup(self.num_blocks, progress, threads)  # allocates the KV cache
+        # Allocates the KV cache.
+        self.compile_seconds = self.runner.warmup(self.num_blocks, progress, config.compile_threads)
         gc.collect()
         gc.freeze()  # start-up objects never need scanning again: no long GC pauses mid-run
         # The model's EOS ids (config.json / generation_config) and the tokenizer's, like vLLM.

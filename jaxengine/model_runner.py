@@ -569,6 +569,14 @@ class ModelRunner:
             buf, layout = self._forward_args(t, s)
             return self._forward.lower(self.state, abstract_kv, buf, self.no_prev_tokens, layout=layout)
 
+        def lower_sampler(variant: tuple) -> jax.stages.Lowered:
+            args, kwargs = sampler_args(*variant)
+            return self._sample.lower(*args, **kwargs)
+
+        def lower_multi(variant: tuple) -> jax.stages.Lowered:
+            args, kwargs = multi_args(*variant)
+            return self._multi_decode.lower(self.state, abstract_kv, *args, **kwargs)
+
         total = 2 * (len(pairs) + len(samplers) + len(multis))
         # Seconds per phase, for start-up reports: (programs, seconds) of each compile group.
         self.warmup_breakdown: dict[str, tuple[int, float]] = {}
@@ -590,10 +598,9 @@ class ModelRunner:
             clock = time.perf_counter()
             compile_all(lower_forward(t, s) for t, s in pairs)
             clock = phase("compile_forward", len(pairs), clock)
-            compile_all(self._sample.lower(*args, **kwargs) for args, kwargs in (sampler_args(*v) for v in samplers))
+            compile_all(lower_sampler(v) for v in samplers)
             clock = phase("compile_sampler", len(samplers), clock)
-            compile_all(self._multi_decode.lower(self.state, abstract_kv, *args, **kwargs)
-                        for args, kwargs in (multi_args(*v) for v in multis))
+            compile_all(lower_multi(v) for v in multis)
             clock = phase("compile_multi_step", len(multis), clock)
             self.allocate_kv_cache(num_blocks)
             jax.block_until_ready(self.kv_caches)

@@ -51,8 +51,8 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
             block_kv: int, page_size: int, stages: int, num_pages: int, pingpong: bool, interpreting: bool):
     """One program: query block `block` (BLOCK_Q tokens of one sequence) x query head `head`.
 
-    meta_ref [NB, 4] int32: sequence, position of the block's first token, kv_len (0 for
-    a block with no tokens), unused. pages_ref [S, P'] int32. q_ref / o_ref [Hq, NB *
+    meta_ref [NB, 3] int32: sequence, position of the block's first token, kv_len (0 for
+    a block with no tokens). pages_ref [S, P'] int32. q_ref / o_ref [Hq, NB *
     BLOCK_Q, D]. kv_ref [2, Hkv, num_pages, page_size, D].
 
     pingpong (FlashAttention-3's warpgroup scheduling): the consumers take turns on the
@@ -286,11 +286,10 @@ def ragged_paged_attention_mosaic(
     cu, nb, blk_seq, blk_start = blocks.cu_q_lens, blocks.num_blocks, blocks.seq, blocks.start
     pages_per_step = block_kv // page_size
     pages = jnp.pad(page_indices.astype(jnp.int32), ((0, 0), (0, -p % pages_per_step)))
-    meta = jnp.stack([  # [NB, 4]
+    meta = jnp.stack([  # [NB, 3]
         blk_seq,
         blocks.kv_lens[blk_seq] - blocks.q_lens[blk_seq] + blk_start,
         jnp.where(blocks.real, blocks.kv_lens[blk_seq], 0),
-        jnp.zeros_like(blk_seq),
     ], axis=1)
 
     # Gather q into blocks (rows past a sequence's end repeat some token: garbage, dropped).
