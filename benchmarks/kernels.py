@@ -2,11 +2,14 @@
 table of decode and prefill/mixed shapes against the two rooflines measured in the same
 run (HBM bandwidth from a large device copy, bf16 matmul rate from an 8192^3 product) and
 against JAX's own Pallas `paged_attention` (decode) and `jax.nn.dot_product_attention`
-(cuDNN, contiguous K/V). Then the Mosaic GPU prefill body on the prefill shapes (checked
+(cuDNN, contiguous K/V). "ours" is `ragged_paged_attention` as the engine calls it (on
+Hopper, prefill chunks routed to the Mosaic GPU body); each prefill shape also has a row
+for the Triton body alone. Then the Mosaic GPU body alone on the prefill shapes (checked
 against the reference, then timed in a few block_kv/stages variants). Also times the KV
-write (XLA scatter, in place) next to the attention it feeds. Writes JSON (device kind, jax version, git SHA) to $OUT or --out.
+write (XLA scatter, in place) next to the attention it feeds. Writes JSON (device kind,
+jax version, git SHA) to $OUT or --out.
 
-    PYTHONUNBUFFERED=1 python benchmarks/kernels.py [--quick] [--tune] [--out DIR]
+    PYTHONUNBUFFERED=1 python benchmarks/kernels.py [--quick] [--tune] [--sections ...] [--out DIR]
 """
 
 import argparse
@@ -340,6 +343,11 @@ def prefill_section(cache, num_pages, bw, peak, shapes):
                 log(f"  cudnn ERROR {ex!r}"[:600])
         r = row("prefill", name, hq, t_ours, flops, nbytes, bw, peak, extra)
         log(fmt(r))
+        if not SMOKE:  # what the routing chose against the Triton body alone (the default before)
+            fn_t, _ = ours(b, cache, sm, prefill_body="triton")
+            t_t = try_time(f"triton body {name}", fn_t, args, n)
+            log(fmt(row("prefill-triton", f"{name} (Triton body)", hq, t_t, flops, nbytes, bw, peak,
+                        {"t_cudnn": extra["t_cudnn"]})))
 
 
 # (block_kv, stages, pingpong) variants of the Mosaic GPU prefill body, timed on every prefill shape.
@@ -486,7 +494,12 @@ def main():
     ap.add_argument("--tune", action="store_true", help="also time block-size variants")
     ap.add_argument("--smoke", action="store_true", help="tiny, interpret mode (CPU)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sections", default="decode,prefill,mosaic,kv_write",
+                    help="comma-separated subset of decode,prefill,mosaic,kv_write (the checks always run)")
     a = ap.parse_args()
+    sections = set(a.sections.split(","))
+    if sections - {"decode", "prefill", "mosaic", "kv_write"}:
+        ap.error(f"unknown sections {sorted(sections - {'decode', 'prefill', 'mosaic', 'kv_write'})}")
     global SMOKE, OUT_DIR
     SMOKE, OUT_DIR = a.smoke, a.out
     t_start = time.time()
@@ -522,13 +535,14 @@ def main():
         log(f"tuning done ({time.time() - t_start:.0f}s)")
         save()
 
-    k_pages, v_pages = cache[0], cache[1]  # JAX's kernel takes K and V apart
     log(HEADER)
-    decode_section(cache, num_pages, k_pages, v_pages, bw, peak, decode_shapes,
-                   (32,) if a.quick else (32, 64))
-    del k_pages, v_pages
-    log(f"decode done ({time.time() - t_start:.0f}s)")
-    save()
+    if "decode" in sections:
+        k_pages, v_pages = cache[0], cache[1]  # JAX's kernel takes K and V apart
+        decode_section(cache, num_pages, k_pages, v_pages, bw, peak, decode_shapes,
+                       (32,) if a.quick else (32, 64))
+        del k_pages, v_pages
+        log(f"decode done ({time.time() - t_start:.0f}s)")
+        save()
     prefill = [
         ("prefill 1x2k", [2048], [2048], 32),
         ("prefill 1x8k", [8192], [8192], 32),
@@ -540,15 +554,17 @@ def main():
         prefill = prefill[1:2]
     if SMOKE:
         prefill = [("prefill 1x64", [64], [64], 32), ("mixed", [16, 1], [48, 20], 32)]
-    prefill_section(cache, num_pages, bw, peak, prefill)
-    log(f"prefill done ({time.time() - t_start:.0f}s)")
-    save()
-    if not SMOKE:  # on the CPU it needs the Mosaic GPU interpreter (tests/kernels cover it)
+    if "prefill" in sections:
+        prefill_section(cache, num_pages, bw, peak, prefill)
+        log(f"prefill done ({time.time() - t_start:.0f}s)")
+        save()
+    if "mosaic" in sections and not SMOKE:  # on the CPU it needs the Mosaic GPU interpreter (tests/kernels cover it)
         mosaic_section(cache, num_pages, bw, peak, prefill)
         log(f"mosaic prefill done ({time.time() - t_start:.0f}s)")
         save()
     del cache
-    kv_write_section(num_pages, bw)
+    if "kv_write" in sections:
+        kv_write_section(num_pages, bw)
 
     log("\n" + HEADER)
     for r in RESULTS["rows"]:

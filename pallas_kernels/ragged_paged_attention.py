@@ -1,6 +1,6 @@
-"""Ragged paged attention as one Pallas GPU kernel: every scheduled token of a step
-(decodes with q_len 1 and prefill chunks with earlier context) in one call, K/V read
-straight from the paged cache through the block tables.
+"""Ragged paged attention in Pallas for NVIDIA GPUs: every scheduled token of a step
+(decodes with q_len 1 and prefill chunks with earlier context) in one call (one kernel, or
+two on Hopper: see Backends), K/V read straight from the paged cache through the block tables.
 
 Semantics are those of `ragged_paged_attention_reference` (same signature, same
 docstring); the cache layout is written down in `pallas_kernels.kv_cache`:
@@ -9,24 +9,26 @@ pages (`page_size * D` contiguous elements) with wide coalesced loads. A KV tile
 as one [block_kv, D] gather (each key row's page looked up in the block table), so the
 load feeds the dot directly, with no reshape between them.
 
-Backend: the Pallas *Triton* lowering (`jax.experimental.pallas.triton`), not Mosaic GPU.
-- Tests: the suite runs every kernel in Pallas interpret mode on CPU under jax 0.10.2.
-  A Triton-style kernel (plain grid, BlockSpecs, `pl.dot`, masked `load`/`store`) runs
-  under the generic `interpret=True` HLO interpreter, which is stable in 0.10 and 0.11
-  and fast enough for the suite. A Mosaic GPU kernel needs the new GPU interpreter
-  (`InterpretGPUParams`, which simulates threads, TMA and barriers): new in 0.10 and
-  still moving. Both backends cross-lower on CPU (`.lower(lowering_platforms=("cuda",))`;
-  a Mosaic GPU body under jax 0.11.2 in a Python 3.12 venv, benchmarks/kernels_NOTES.md),
-  which checks a kernel before spending the small GPU budget.
-- The work: decode is memory bound (~1 flop/byte at GQA 4..8), so what matters is
-  streaming pages at HBM speed, which Triton's pipelined (cp.async) loads do; prefill
-  tiles use `tl.dot` (Triton's own MMA lowering; whether it became wgmma on sm_90 was
-  not checked). Mosaic GPU would add TMA
-  and warp specialisation (worth it for long prefill), but its wgmma wants 64-row tiles
-  and a paged gather per page, which fit decode (8..16 rows per KV head) badly.
+Backends: this body is written for the Pallas *Triton* lowering
+(`jax.experimental.pallas.triton`); on Hopper the prefill chunks of a batch (sequences with
+>= MOSAIC_MIN_Q_LEN query tokens) go to a second body written for Mosaic GPU
+(`ragged_paged_attention_mosaic`, see `prefill_body`), the two results summed (each writes
+zeros for the tokens it leaves to the other).
+- Why Triton for decode: decode is memory bound (~1 flop/byte at GQA 4..8), so what
+  matters is streaming pages at HBM speed, which Triton's pipelined (cp.async) loads do
+  (90-118% of a device copy's rate on an H200); a tile holds the Hq // Hkv query heads of
+  a KV head for a few tokens (16 rows), which Mosaic GPU's 64-row wgmma tiles fit badly.
+- Why Mosaic GPU for prefill: prefill is compute bound, and TMA copies, wgmma and a
+  producer warpgroup feeding two consumers reach 58-65% of the bf16 matmul rate on long
+  prefills where this body reaches 22-34% (benchmarks/RESULTS.md, session 11).
+- Tests: every kernel runs on CPU under jax 0.10.2, this one in the generic
+  `interpret=True` HLO interpreter (stable in 0.10 and 0.11, fast enough for the suite),
+  the Mosaic GPU one in JAX's Mosaic GPU interpreter (simulated threads, TMA, barriers;
+  slower, private API). Both also cross-lower on CPU (`.lower(lowering_platforms=("cuda",))`;
+  the Mosaic GPU body under jax 0.11.2 in a Python 3.12 venv, benchmarks/kernels_NOTES.md).
 - Cost: jax 0.11 warns that the Triton lowering is deprecated. The backend is private
-  to this module (`_pallas_call_triton`); a Mosaic GPU body can replace it behind the
-  same wrapper and the same tests without touching any caller.
+  to this module (`_pallas_call_triton`); a Mosaic GPU decode body could replace it behind
+  the same wrapper and tests without touching any caller.
 
 Grid: (query block, KV head, KV split). Query blocks are cut per sequence (block_q tokens
 of one sequence each; the host-side-free metadata is computed with jnp in the wrapper),
@@ -41,16 +43,20 @@ measured in place at 16 us per 256-token step, so fusing it would save 1-3%. Pag
 and rows past cu_q_lens[num_seqs] are masked: NaN/garbage there never reaches the output.
 """
 
+import dataclasses
 import functools
 import math
-from typing import NamedTuple
+import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.block_sizes import default_block_sizes
+from pallas_kernels.block_sizes import MOSAIC_MIN_Q_LEN, BlockSizes, default_block_sizes, mosaic_block_sizes, shape_class
+from pallas_kernels.query_blocks import query_blocks, served_tokens
+from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+from pallas_kernels.ragged_paged_attention_mosaic import supports as mosaic_supports
 
 _LOG2E = math.log2(math.e)
 
@@ -257,38 +263,6 @@ def _pallas_call_triton(
 # ---------------------------------------------------------------------- public wrapper
 
 
-class QueryBlocks(NamedTuple):
-    num_seqs: jax.Array  # [] int32, clipped to [0, S]
-    cu_q_lens: jax.Array  # [S + 1] int32, clipped to [0, T]
-    q_lens: jax.Array  # [S] int32, 0 past num_seqs
-    kv_lens: jax.Array  # [S] int32, clipped to the page table's capacity
-    cu_blocks: jax.Array  # [S + 1] int32: first query block of each sequence
-    num_blocks: int  # NB, a static bound on the number of blocks
-    seq: jax.Array  # [NB] int32: each block's sequence (clipped to [0, S - 1])
-    start: jax.Array  # [NB] int32: its first token within the sequence
-    real: jax.Array  # [NB] bool: False for the blocks past the last one
-
-
-def query_blocks(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
-                 max_kv_len: int, block_q: int) -> QueryBlocks:
-    """The ragged metadata sanitised so that nothing a kernel reads can be out of bounds, and
-    the query blocks: block_q tokens of one sequence each. Sum_s cdiv(q_len_s, block_q) <=
-    cdiv(T - min(S, T), block_q) + min(S, T) bounds their number statically."""
-    t, s_max = num_tokens, kv_lens.shape[0]
-    n = jnp.clip(jnp.reshape(num_seqs, ()).astype(jnp.int32), 0, s_max)
-    cu = jnp.clip(cu_q_lens.astype(jnp.int32), 0, t)
-    q_lens = jnp.where(jnp.arange(s_max) < n, jnp.maximum(cu[1:] - cu[:-1], 0), 0)
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(-(-q_lens // block_q))]).astype(jnp.int32)
-    s_t = min(s_max, t)
-    nb = max(1, -(-(t - s_t) // block_q) + s_t)
-    bids = jnp.arange(nb, dtype=jnp.int32)
-    # compare_all: one fused compare (the default 'scan' is a while loop, ~10 us a step on GPUs).
-    seq = jnp.clip(jnp.searchsorted(cu_blocks[1:], bids, side="right", method="compare_all"), 0, s_max - 1)
-    seq = seq.astype(jnp.int32)
-    return QueryBlocks(n, cu, q_lens, jnp.clip(kv_lens.astype(jnp.int32), 0, max_kv_len), cu_blocks, nb,
-                       seq, ((bids - cu_blocks[seq]) * block_q).astype(jnp.int32), bids < cu_blocks[s_max])
-
-
 def _validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, bs_args):
     if q.ndim != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
@@ -332,6 +306,33 @@ def _validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, bs_args):
         raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
 
 
+def _hopper() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover - no backend at all
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def _prefill_body(choice: str | None, q, kv_cache, num_seqs_max: int, sliding_window, soft_cap,
+                  interpret: bool, explicit_blocks: bool) -> str:
+    """Which body serves the prefill chunks: "mosaic" (FlashAttention-3 style, Hopper only;
+    decodes and short chunks stay on this module's Triton body) or "triton" (everything)."""
+    choice = choice or os.environ.get("JAXENGINE_PREFILL_BODY", "auto")
+    if choice not in ("auto", "mosaic", "triton"):
+        raise ValueError(f"prefill_body must be 'auto', 'mosaic' or 'triton', got {choice!r} "
+                         "(argument or JAXENGINE_PREFILL_BODY)")
+    block_kv, _, _ = mosaic_block_sizes(q.shape[-1])
+    fits = mosaic_supports(q, kv_cache, block_kv, sliding_window, soft_cap)
+    if choice == "mosaic" and not fits:
+        raise ValueError(f"prefill_body='mosaic' does not take q {q.shape} {q.dtype}, cache {kv_cache.shape} "
+                         f"{kv_cache.dtype}, sliding_window {sliding_window}, soft_cap {soft_cap}")
+    if choice == "auto":
+        mixed = shape_class(q.shape[0], num_seqs_max) == "mixed"
+        choice = "mosaic" if fits and mixed and not interpret and not explicit_blocks and _hopper() else "triton"
+    return choice
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -344,6 +345,7 @@ def _validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, bs_args):
         "num_warps",
         "num_stages",
         "unmasked_interior",
+        "prefill_body",
         "interpret",
     ),
 )
@@ -364,11 +366,12 @@ def ragged_paged_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     unmasked_interior: bool | None = None,
+    prefill_body: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [T, Hq, D]
     """Ragged paged attention (see the module docstring and the reference's).
 
-    Block sizes (keyword-only, static; None = `pallas_kernels.block_sizes` table):
+    Block sizes of the Triton body (keyword-only, static; None = `pallas_kernels.block_sizes`):
       block_q: query tokens of one sequence per program.
       pages_per_block: KV pages per inner step (power of two; >= 16 keys per step).
       num_kv_splits: programs sharing one query block's KV range (flash-decoding).
@@ -376,39 +379,62 @@ def ragged_paged_attention(
       unmasked_interior: run the KV blocks that every row sees whole through a second,
         mask-free loop (faster for prefill tiles; slower for decode on an H100, where
         the single loop pipelines better).
-    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    prefill_body: "mosaic" sends the sequences with q_len >= MOSAIC_MIN_Q_LEN to the Mosaic
+      GPU body (`ragged_paged_attention_mosaic`, 1.6-2.3x this body's speed on H200 prefill)
+      and the rest to this body's decode tiles; "triton" keeps every token here. None: the
+      JAXENGINE_PREFILL_BODY environment variable, else "auto" = "mosaic" for a batch with
+      prefill tokens (T > S) on a Hopper GPU when `mosaic_supports` holds and no Triton
+      block size is given.
+    interpret: run the kernel(s) in interpret mode on the CPU (the Mosaic GPU body in JAX's
+      Mosaic GPU interpreter).
     """
     bs_args = (block_q, pages_per_block, num_kv_splits, num_warps, num_stages)
     _validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, bs_args)
+    args = (q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
     t, hq, d = q.shape
-    _, hkv, num_pages, page_size, _ = kv_cache.shape
+    _, hkv, _, page_size, _ = kv_cache.shape
+    s_max, p = page_indices.shape
+    explicit = any(x is not None for x in bs_args) or unmasked_interior is not None
+    body = _prefill_body(prefill_body, q, kv_cache, s_max, sliding_window, soft_cap, interpret, explicit)
+    shape = dict(num_tokens=t, max_num_seqs=s_max, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                 page_size=page_size, pages_per_seq=p, itemsize=max(q.dtype.itemsize, kv_cache.dtype.itemsize))
+    if body == "mosaic":
+        # Each body writes zeros for the tokens it does not serve, so the sum is either's result.
+        block_kv, stages, pingpong = mosaic_block_sizes(d)
+        long = ragged_paged_attention_mosaic(
+            *args, sm_scale=sm_scale, block_kv=block_kv, stages=stages, pingpong=pingpong,
+            min_q_len=MOSAIC_MIN_Q_LEN, interpret=_mosaic_interpreter() if interpret else None)
+        short = _triton(*args, sm_scale=sm_scale, sliding_window=None, soft_cap=None,
+                        bs=default_block_sizes(**shape, shape_class="decode"),
+                        q_len_range=(1, MOSAIC_MIN_Q_LEN), interpret=interpret)
+        return long + short
+    dflt = default_block_sizes(**shape)
+    bs = BlockSizes(*(dflt_v if v is None else v for v, dflt_v in zip(
+        (block_q, pages_per_block, num_kv_splits, num_warps, num_stages, unmasked_interior),
+        dataclasses.astuple(dflt))))
+    return _triton(*args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, bs=bs,
+                   q_len_range=(1, None), interpret=interpret)
+
+
+def _mosaic_interpreter():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private: moves between versions
+
+    return InterpretGPUParams()
+
+
+def _triton(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float, sliding_window,
+            soft_cap, bs: BlockSizes, q_len_range: tuple[int, int | None], interpret: bool) -> jax.Array:
+    """This module's body on the sequences whose q_len lies in q_len_range; zeros elsewhere."""
+    t, hq, d = q.shape
+    _, hkv, _, _, _ = kv_cache.shape
     s_max, p = page_indices.shape
     group = hq // hkv
+    tile_rows = _next_pow2(max(16, bs.block_q * group))
 
-    dflt = default_block_sizes(
-        num_tokens=t,
-        max_num_seqs=s_max,
-        num_q_heads=hq,
-        num_kv_heads=hkv,
-        head_dim=d,
-        page_size=page_size,
-        pages_per_seq=p,
-        itemsize=max(q.dtype.itemsize, kv_cache.dtype.itemsize),
-    )
-    block_q = dflt.block_q if block_q is None else block_q
-    pages_per_block = dflt.pages_per_block if pages_per_block is None else pages_per_block
-    num_kv_splits = dflt.num_kv_splits if num_kv_splits is None else num_kv_splits
-    num_warps = dflt.num_warps if num_warps is None else num_warps
-    num_stages = dflt.num_stages if num_stages is None else num_stages
-    if unmasked_interior is None:
-        unmasked_interior = dflt.unmasked_interior
-    tile_rows = _next_pow2(max(16, block_q * group))
-
-    blocks = query_blocks(cu_q_lens, num_seqs, kv_lens, t, p * page_size, block_q)
-    n, cu, kv_lens_c, nb = blocks.num_seqs, blocks.cu_q_lens, blocks.kv_lens, blocks.num_blocks
+    blocks = query_blocks(cu_q_lens, num_seqs, kv_lens, t, p * kv_cache.shape[3], bs.block_q, q_len_range)
+    cu, nb = blocks.cu_q_lens, blocks.num_blocks
     blk_seq = jnp.where(blocks.real, blocks.seq, -1)
-    blk_start = blocks.start
-    p_pad = -(-p // pages_per_block) * pages_per_block
+    p_pad = -(-p // bs.pages_per_block) * bs.pages_per_block
     pages = jnp.pad(page_indices.astype(jnp.int32), ((0, 0), (0, p_pad - p)))
 
     # Query rows per KV head, token-major x group, padded so a tile never runs past.
@@ -416,25 +442,25 @@ def ragged_paged_attention(
     q_t = jnp.pad(q_t, ((0, 0), (0, tile_rows), (0, 0)))
 
     outs = _pallas_call_triton(
-        (blk_seq, blk_start, cu, kv_lens_c, pages),
+        (blk_seq, blocks.start, cu, blocks.kv_lens, pages),
         q_t,
         kv_cache,
-        grid=(nb, hkv, num_kv_splits),
+        grid=(nb, hkv, bs.num_kv_splits),
         out_dtype=q.dtype,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=bs.num_warps,
+        num_stages=bs.num_stages,
         interpret=interpret,
         group=group,
-        block_q=block_q,
+        block_q=bs.block_q,
         tile_rows=tile_rows,
-        pages_per_block=pages_per_block,
-        num_kv_splits=num_kv_splits,
-        unmasked_interior=bool(unmasked_interior),
+        pages_per_block=bs.pages_per_block,
+        num_kv_splits=bs.num_kv_splits,
+        unmasked_interior=bool(bs.unmasked_interior),
         sm_scale=float(sm_scale),
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
-    if num_kv_splits == 1:
+    if bs.num_kv_splits == 1:
         out = outs[0].astype(jnp.float32)
     else:  # merge the splits' partial softmax states (flash-decoding)
         acc, m, l = outs
@@ -446,7 +472,5 @@ def ragged_paged_attention(
         out = out * jnp.where(l_tot > 0.0, 1.0 / l_tot, 0.0)[..., None]
     out = out[:, : t * group].reshape(hkv, t, group, d).transpose(1, 0, 2, 3)
     out = out.reshape(t, hq, d)
-    rows = jnp.arange(t, dtype=jnp.int32)
-    valid = rows < cu[n]
-    # Rows no program wrote (padding tokens) hold garbage: select zeros there.
-    return jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
+    # Rows no program wrote (padding tokens, sequences outside q_len_range) hold garbage.
+    return jnp.where(served_tokens(blocks, t)[:, None, None], out, 0.0).astype(q.dtype)

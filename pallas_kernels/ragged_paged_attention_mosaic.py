@@ -1,11 +1,13 @@
 """Ragged paged attention for prefill on Hopper, written for the Pallas Mosaic GPU backend.
 
-STATUS: checked on the CPU only. It matches the reference in JAX's Mosaic GPU interpreter
-(simulated warpgroups, TMA and barriers; jax 0.10.2 and 0.11.2) and its GPU path lowers
-for sm_90 (`tests/kernels/test_ragged_paged_attention_mosaic.py`). It has never run on a
-GPU, so its speed is unknown, and the engine does not call it. `benchmarks/kernels.py`
-checks it against the reference on the GPU and then times it on the prefill shapes
-beside the Triton body (rows "... mosaic block_kv/stages[ pp]").
+STATUS: used by the engine on Hopper GPUs for the sequences of a step with >= 64 query
+tokens (`ragged_paged_attention(prefill_body="auto")` routes them here; decodes and short
+chunks stay on the Triton body). On an H200 (benchmarks/RESULTS.md, session 11) it reaches
+58-65% of the bf16 matmul rate on 8k-token prefills and 0.86-0.96x cuDNN's speed, against
+the Triton body's 22-34%. Checked against the reference on the GPU and, on the CPU, in JAX's
+Mosaic GPU interpreter (simulated warpgroups, TMA and barriers); its GPU path also lowers
+for sm_90 on the CPU (`tests/kernels/test_ragged_paged_attention_mosaic.py`; the
+interpreter deadlocks on a 2-core machine unless NPROC >= 4, see tests/conftest.py).
 
 Why a second body: the Triton-lowered kernel (`ragged_paged_attention`) streams decode
 at the HBM rate but reaches only 22-34% of the bf16 matmul rate on prefill (no TMA, no
@@ -38,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ragged_paged_attention import query_blocks
+from pallas_kernels.query_blocks import query_blocks, served_tokens, token_seqs
 
 ROWS = 64  # query rows per consumer warpgroup: one wgmma M tile
 CONSUMERS = 2
@@ -59,7 +61,10 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
     tensor cores, one issuing its matmuls while the other runs its softmax, paired through
     the `turn` barrier; consumer 1 starts one turn late and consumer 0 ends one turn late."""
     (q_smem, k_smem, v_smem, p_smem, kt_smem), (q_ready, k_ready, v_ready), (k_free, v_free), turn = scratch
-    block, head, wg = lax.axis_index("block"), lax.axis_index("head"), lax.axis_index("wg")
+    # Heaviest first: a sequence's last blocks see the most keys, and the grid runs "head"
+    # fastest, so all heads of the last block start in the first wave (less tail on few SMs).
+    block = meta_ref.shape[0] - 1 - lax.axis_index("block")
+    head, wg = lax.axis_index("head"), lax.axis_index("wg")
     seq, pos0, kv_len = meta_ref[block, 0], meta_ref[block, 1], meta_ref[block, 2]
     kv_head = head // group
     pages_per_step = block_kv // page_size
@@ -119,7 +124,7 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, scratch, *, sm_scale: flo
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-    @pl.when(wg < CONSUMERS)
+    @pl.when((wg < CONSUMERS) & (kv_len > 0))  # a block with no tokens (past the last) writes nothing
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
         q_tile = q_smem.at[wg]
@@ -243,8 +248,8 @@ def _call(meta, pages, q_blk, kv_cache, *, sm_scale: float, block_kv: int, stage
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q_blk.shape, q_blk.dtype),
-        grid=(nb, hq),
-        grid_names=("block", "head"),
+        grid=(hq, nb),
+        grid_names=("head", "block"),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -260,7 +265,7 @@ def supports(q: jax.Array, kv_cache: jax.Array, block_kv: int, sliding_window, s
             and block_kv % 64 == 0 and block_kv % page_size == 0)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "stages", "pingpong", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "stages", "pingpong", "min_q_len", "interpret"))
 def ragged_paged_attention_mosaic(
     q: jax.Array,  # [T, Hq, D]
     kv_cache: jax.Array,  # [2, Hkv, num_pages, page_size, D]
@@ -273,19 +278,25 @@ def ragged_paged_attention_mosaic(
     block_kv: int = 128,
     stages: int = 2,
     pingpong: bool = False,
+    min_q_len: int = 1,
     interpret=None,
 ) -> jax.Array:  # [T, Hq, D]
-    """`ragged_paged_attention_reference`'s result for what `supports` accepts."""
+    """`ragged_paged_attention_reference`'s result for what `supports` accepts, on the
+    sequences with q_len >= min_q_len (zeros for the others' tokens: another body serves
+    them, e.g. decodes, which would use 1 of a block's 128 rows here)."""
     if not supports(q, kv_cache, block_kv, None, None):
         raise ValueError(f"the Mosaic GPU body does not take q {q.shape} {q.dtype}, cache "
                          f"{kv_cache.shape} {kv_cache.dtype}, block_kv {block_kv}")
     t, hq, d = q.shape
     page_size = kv_cache.shape[3]
-    s_max, p = page_indices.shape
-    blocks = query_blocks(cu_q_lens, num_seqs, kv_lens, t, p * page_size, BLOCK_Q)
+    p = page_indices.shape[1]
+    blocks = query_blocks(cu_q_lens, num_seqs, kv_lens, t, p * page_size, BLOCK_Q, (min_q_len, None))
     cu, nb, blk_seq, blk_start = blocks.cu_q_lens, blocks.num_blocks, blocks.seq, blocks.start
     pages_per_step = block_kv // page_size
-    pages = jnp.pad(page_indices.astype(jnp.int32), ((0, 0), (0, -p % pages_per_step)))
+    # Always pad (>= 1 column, never read): a fresh buffer. Mosaic GPU wants its operands
+    # 256-byte aligned, and the engine's page table is a slice of one packed input buffer,
+    # which XLA passed as is (an H200 refused it: "Input buffer 1 is not 256-byte aligned").
+    pages = jnp.pad(page_indices.astype(jnp.int32), ((0, 0), (0, pages_per_step - p % pages_per_step)))
     meta = jnp.stack([  # [NB, 3]
         blk_seq,
         blocks.kv_lens[blk_seq] - blocks.q_lens[blk_seq] + blk_start,
@@ -299,9 +310,8 @@ def ragged_paged_attention_mosaic(
                     pingpong=pingpong, interpret=interpret)
 
     # And back: token i of sequence s is row i % BLOCK_Q of block cu_blocks[s] + i // BLOCK_Q.
-    tokens = jnp.arange(t, dtype=jnp.int32)
-    tok_seq = jnp.clip(jnp.searchsorted(cu[1:], tokens, side="right", method="compare_all"), 0, s_max - 1)
-    i = tokens - cu[tok_seq]
+    tok_seq = token_seqs(cu, t)
+    i = jnp.arange(t, dtype=jnp.int32) - cu[tok_seq]
     rows = jnp.clip((blocks.cu_blocks[tok_seq] + i // BLOCK_Q) * BLOCK_Q + i % BLOCK_Q, 0, nb * BLOCK_Q - 1)
     out = out_blk[:, rows].transpose(1, 0, 2)  # [T, Hq, D]
-    return jnp.where((tokens < cu[blocks.num_seqs])[:, None, None], out, jnp.zeros_like(out))
+    return jnp.where(served_tokens(blocks, t)[:, None, None], out, jnp.zeros_like(out))

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import ragged_paged_attention_reference
+from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.query_blocks import query_blocks
+from pallas_kernels.ragged_paged_attention import _prefill_body
 from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic, supports
 from tests.kernels.paged_attention_inputs import make_case, rel_err
 
@@ -78,3 +80,52 @@ def test_what_it_does_not_take_is_refused():
             jnp.array([0, 1, 2], jnp.int32), jnp.array(2, jnp.int32))
     with pytest.raises(ValueError, match="Mosaic GPU body does not take"):
         ragged_paged_attention_mosaic(*args, sm_scale=0.1)
+
+
+@pytest.mark.skipif(InterpretGPUParams is None, reason="this jax has no Mosaic GPU interpreter")
+def test_split_batch_matches_reference():
+    """prefill_body="mosaic": the chunks of >= MOSAIC_MIN_Q_LEN tokens go through the Mosaic
+    body, the decodes and the short chunk through the Triton body's decode tiles; every
+    token must come out of exactly one of them (the other writes zeros)."""
+    case = make_case([1, 70, 5, 1, 64], [40, 150, 33, 1, 64], num_q_heads=4, num_kv_heads=2, head_dim=64,
+                     page_size=16, pad_tokens=3, pad_seqs=1, seed=3)
+    args = [jnp.asarray(a) for a in case.args()]
+    args[0], args[1] = args[0].astype(jnp.bfloat16), args[1].astype(jnp.bfloat16)
+    ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.125).astype(jnp.float32))
+    out = np.asarray(ragged_paged_attention(*args, sm_scale=0.125, prefill_body="mosaic",
+                                            interpret=True).astype(jnp.float32))
+    assert np.isfinite(out).all()
+    for s, (lo, hi) in enumerate(zip(case.cu_q_lens[:-1], case.cu_q_lens[1:])):
+        if s < case.num_seqs[0]:
+            assert rel_err(out[lo:hi], ref[lo:hi]) < TOL[jnp.bfloat16], f"sequence {s} (q_len {hi - lo})"
+    assert not out[case.cu_q_lens[case.num_seqs[0]]:].any(), "padding tokens must come out as zeros"
+
+
+def test_prefill_body_choice():
+    q = jnp.zeros((8, 4, 128), jnp.bfloat16)
+    cache = jnp.zeros((2, 2, 8, 16, 128), jnp.bfloat16)
+    # On the CPU (and in interpret mode) "auto" keeps everything on the Triton body.
+    assert _prefill_body(None, q, cache, 2, None, None, interpret=False, explicit_blocks=False) == "triton"
+    assert _prefill_body("mosaic", q, cache, 2, None, None, interpret=True, explicit_blocks=False) == "mosaic"
+    with pytest.raises(ValueError, match="does not take"):  # a sliding window stays on the Triton body
+        _prefill_body("mosaic", q, cache, 2, 64, None, interpret=False, explicit_blocks=False)
+    with pytest.raises(ValueError, match="'auto', 'mosaic' or 'triton'"):
+        _prefill_body("cudnn", q, cache, 2, None, None, interpret=False, explicit_blocks=False)
+
+
+@pytest.mark.parametrize("q_len_range", [(1, None), (64, None), (1, 64), (3, 10)])
+def test_query_blocks_cover_the_sequences_in_range(q_len_range):
+    rng = np.random.default_rng(sum(x or 0 for x in q_len_range))
+    for _ in range(20):
+        s_max = int(rng.integers(1, 9))
+        q_lens = rng.choice([0, 1, 2, 5, 9, 63, 64, 65, 200], size=s_max)
+        n = int(rng.integers(0, s_max + 1))
+        t = int(q_lens[:n].sum()) + int(rng.integers(0, 4))
+        cu = np.concatenate([[0], np.cumsum(np.where(np.arange(s_max) < n, q_lens, 0))])
+        b = query_blocks(jnp.asarray(cu), jnp.asarray(n), jnp.asarray(q_lens + 5), max(t, 1), 1000, 16, q_len_range)
+        lo, hi = q_len_range
+        want = [(s, start) for s in range(n) if lo <= q_lens[s] < (hi or 1 << 30) for start in range(0, q_lens[s], 16)]
+        real = np.asarray(b.real)
+        assert len(real) == b.num_blocks >= len(want), "the static bound must hold every block"
+        got = list(zip(np.asarray(b.seq)[real].tolist(), np.asarray(b.start)[real].tolist()))
+        assert got == want
