@@ -55,8 +55,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.block_sizes import MOSAIC_MIN_Q_LEN, BlockSizes, default_block_sizes, mosaic_block_sizes, shape_class
 from pallas_kernels.query_blocks import query_blocks, served_tokens
-from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
-from pallas_kernels.ragged_paged_attention_mosaic import supports as mosaic_supports
 
 _LOG2E = math.log2(math.e)
 
@@ -322,15 +320,17 @@ def _prefill_body(choice: str | None, q, kv_cache, num_seqs_max: int, sliding_wi
     if choice not in ("auto", "mosaic", "triton"):
         raise ValueError(f"prefill_body must be 'auto', 'mosaic' or 'triton', got {choice!r} "
                          "(argument or JAXENGINE_PREFILL_BODY)")
-    block_kv, _, _ = mosaic_block_sizes(q.shape[-1])
-    fits = mosaic_supports(q, kv_cache, block_kv, sliding_window, soft_cap)
-    if choice == "mosaic" and not fits:
+    if choice == "triton" or (choice == "auto" and (
+            interpret or explicit_blocks or shape_class(q.shape[0], num_seqs_max) != "mixed" or not _hopper())):
+        return "triton"
+    from pallas_kernels.ragged_paged_attention_mosaic import supports  # Mosaic GPU: imported when used
+
+    if supports(q, kv_cache, mosaic_block_sizes(q.shape[-1])[0], sliding_window, soft_cap):
+        return "mosaic"
+    if choice == "mosaic":
         raise ValueError(f"prefill_body='mosaic' does not take q {q.shape} {q.dtype}, cache {kv_cache.shape} "
                          f"{kv_cache.dtype}, sliding_window {sliding_window}, soft_cap {soft_cap}")
-    if choice == "auto":
-        mixed = shape_class(q.shape[0], num_seqs_max) == "mixed"
-        choice = "mosaic" if fits and mixed and not interpret and not explicit_blocks and _hopper() else "triton"
-    return choice
+    return "triton"
 
 
 @functools.partial(
@@ -399,6 +399,8 @@ def ragged_paged_attention(
     shape = dict(num_tokens=t, max_num_seqs=s_max, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                  page_size=page_size, pages_per_seq=p, itemsize=max(q.dtype.itemsize, kv_cache.dtype.itemsize))
     if body == "mosaic":
+        from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+
         # Each body writes zeros for the tokens it does not serve, so the sum is either's result.
         block_kv, stages, pingpong = mosaic_block_sizes(d)
         long = ragged_paged_attention_mosaic(
@@ -408,10 +410,9 @@ def ragged_paged_attention(
                         bs=default_block_sizes(**shape, shape_class="decode"),
                         q_len_range=(1, MOSAIC_MIN_Q_LEN), interpret=interpret)
         return long + short
-    dflt = default_block_sizes(**shape)
-    bs = BlockSizes(*(dflt_v if v is None else v for v, dflt_v in zip(
-        (block_q, pages_per_block, num_kv_splits, num_warps, num_stages, unmasked_interior),
-        dataclasses.astuple(dflt))))
+    given = dict(block_q=block_q, pages_per_block=pages_per_block, num_kv_splits=num_kv_splits,
+                 num_warps=num_warps, num_stages=num_stages, unmasked_interior=unmasked_interior)
+    bs = dataclasses.replace(default_block_sizes(**shape), **{k: v for k, v in given.items() if v is not None})
     return _triton(*args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, bs=bs,
                    q_len_range=(1, None), interpret=interpret)
 
