@@ -190,6 +190,29 @@ def test_pallas_kernel_per_shard_matches_reference():
     assert caches[0].sharding.is_equivalent_to(kv, 5)  # still split by KV head after the step
 
 
+def test_mosaic_prefill_body_lowers_per_shard_for_hopper():
+    """On Hopper the kernel routes prefill chunks to the Mosaic GPU body; under shard_map at
+    TP 2 each device's program gets its own heads (16 of 32 query, 4 of 8 KV heads) and the
+    Mosaic GPU lowering takes it (checked for "cuda" on the CPU; it has run on one H200 only)."""
+    from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+
+    mesh = make_mesh(2)
+    t, s, hq, hkv, d, num_pages, page_size, pages = 512, 4, 32, 8, 128, 256, 16, 64
+
+    def attn(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs):
+        assert q.shape[1] == hq // 2 and kv_cache.shape[1] == hkv // 2  # per-shard shapes
+        return ragged_paged_attention_mosaic(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                             sm_scale=d ** -0.5, pingpong=True, min_q_len=64)
+
+    f = jax.shard_map(attn, mesh=mesh, in_specs=(P(None, "tp"), P(None, "tp"), P(), P(), P(), P()),
+                      out_specs=P(None, "tp"), check_vma=False)
+    sd = jax.ShapeDtypeStruct
+    args = (sd((t, hq, d), jnp.bfloat16), sd((2, hkv, num_pages, page_size, d), jnp.bfloat16), sd((s,), jnp.int32),
+            sd((s, pages), jnp.int32), sd((s + 1,), jnp.int32), sd((1,), jnp.int32))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 def test_data_parallel_replicas_on_disjoint_devices(checkpoint):
     _, path, _ = checkpoint
     engine = _llm(path, 4, 2).engine
