@@ -83,9 +83,6 @@ def shape_class(num_tokens: int, num_seqs: int) -> str:
     return "decode" if num_tokens <= num_seqs else "mixed"
 
 
-_shape_class = shape_class  # default_block_sizes' parameter shadows the name
-
-
 # The Mosaic GPU prefill body (Hopper) takes the sequences with at least this many query
 # tokens; shorter ones (decodes, last chunks) stay on the Triton body's decode tiles: the
 # Mosaic body gives each sequence whole 128-row blocks per query head.
@@ -111,14 +108,14 @@ def default_block_sizes(
     pages_per_seq: int,
     itemsize: int = 2,
     device_kind: str | None = None,
-    shape_class: str | None = None,
+    as_class: str | None = None,
 ) -> BlockSizes:
     """Block sizes for these static shapes on this device (kind defaults to device 0's);
     `itemsize`: bytes per element of q and the KV cache (2 for bf16/fp16, 4 for fp32);
-    `shape_class` overrides the class the shapes imply (decode tiles for the decodes of a
+    `as_class` overrides the shape class the shapes imply (decode tiles for the decodes of a
     mixed batch that the Mosaic body leaves to this one)."""
     kind = _device_kind() if device_kind is None else device_kind
-    cls = shape_class or _shape_class(num_tokens, max_num_seqs)
+    cls = as_class or shape_class(num_tokens, max_num_seqs)
     dclass = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
     table = {**_DEFAULT, **_TUNED.get(kind, {})}
     kv_tokens, q_rows, num_warps, num_stages, unmasked = table[(cls, dclass)]

@@ -58,7 +58,8 @@ def token_seqs(cu_q_lens: jax.Array, num_tokens: int) -> jax.Array:  # [T] int32
                     0, s_max - 1).astype(jnp.int32)
 
 
-def served_tokens(blocks: QueryBlocks, num_tokens: int) -> jax.Array:  # [T] bool
-    """The tokens some query block covers: not padding, and of a sequence in q_len_range."""
-    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
-    return (tokens < blocks.cu_q_lens[blocks.num_seqs]) & blocks.taken[token_seqs(blocks.cu_q_lens, num_tokens)]
+def served_tokens(blocks: QueryBlocks, tok_seq: jax.Array) -> jax.Array:  # [T] bool
+    """The tokens some query block covers: not padding, and of a sequence in q_len_range.
+    tok_seq [T]: token_seqs(blocks.cu_q_lens, T)."""
+    tokens = jnp.arange(tok_seq.shape[0], dtype=jnp.int32)
+    return (tokens < blocks.cu_q_lens[blocks.num_seqs]) & blocks.taken[tok_seq]

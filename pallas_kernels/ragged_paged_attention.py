@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.block_sizes import MOSAIC_MIN_Q_LEN, BlockSizes, default_block_sizes, mosaic_block_sizes, shape_class
-from pallas_kernels.query_blocks import query_blocks, served_tokens
+from pallas_kernels.query_blocks import query_blocks, served_tokens, token_seqs
 
 _LOG2E = math.log2(math.e)
 
@@ -407,7 +407,7 @@ def ragged_paged_attention(
             *args, sm_scale=sm_scale, block_kv=block_kv, stages=stages, pingpong=pingpong,
             min_q_len=MOSAIC_MIN_Q_LEN, interpret=_mosaic_interpreter() if interpret else None)
         short = _triton(*args, sm_scale=sm_scale, sliding_window=None, soft_cap=None,
-                        bs=default_block_sizes(**shape, shape_class="decode"),
+                        bs=default_block_sizes(**shape, as_class="decode"),
                         q_len_range=(1, MOSAIC_MIN_Q_LEN), interpret=interpret)
         return long + short
     given = dict(block_q=block_q, pages_per_block=pages_per_block, num_kv_splits=num_kv_splits,
@@ -474,4 +474,4 @@ def _triton(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale
     out = out[:, : t * group].reshape(hkv, t, group, d).transpose(1, 0, 2, 3)
     out = out.reshape(t, hq, d)
     # Rows no program wrote (padding tokens, sequences outside q_len_range) hold garbage.
-    return jnp.where(served_tokens(blocks, t)[:, None, None], out, 0.0).astype(q.dtype)
+    return jnp.where(served_tokens(blocks, token_seqs(cu, t))[:, None, None], out, 0.0).astype(q.dtype)

@@ -314,4 +314,4 @@ def ragged_paged_attention_mosaic(
     i = jnp.arange(t, dtype=jnp.int32) - cu[tok_seq]
     rows = jnp.clip((blocks.cu_blocks[tok_seq] + i // BLOCK_Q) * BLOCK_Q + i % BLOCK_Q, 0, nb * BLOCK_Q - 1)
     out = out_blk[:, rows].transpose(1, 0, 2)  # [T, Hq, D]
-    return jnp.where(served_tokens(blocks, t)[:, None, None], out, jnp.zeros_like(out))
+    return jnp.where(served_tokens(blocks, tok_seq)[:, None, None], out, jnp.zeros_like(out))
