@@ -41,6 +41,7 @@ def _trace_file(trace_dir: Path) -> Path:
 
 def summarize(trace_dir: str | Path, top: int = 40) -> dict:
     """{"devices": {name: {busy_s, span_s, idle_fraction}}, "kinds": {kind: seconds},
+    "modules": {program: {kind: seconds}},
     "top": [(kernel, seconds, calls)], "host": [(span, seconds, calls)]}, the kernels over the
     device streams (or the CPU's XLA threads), the host spans over the other threads.
     "kinds" and "top" sum over all devices: divide by their count for one device's share."""
@@ -62,11 +63,16 @@ def summarize(trace_dir: str | Path, top: int = 40) -> dict:
 
     spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    # Per XLA program (GPU kernels carry their "hlo_module"): the forward's steps apart from
+    # the multi-step decode's, and the sampler's.
+    modules: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     for e in filter(is_kernel, events):
         spans[procs.get(e["pid"], str(e["pid"]))].append((e["ts"], e["ts"] + e["dur"]))
         acc = by_name[e["name"]]
         acc[0] += e["dur"] * 1e-6
         acc[1] += 1
+        module = (e.get("args") or {}).get("hlo_module", "?")
+        modules[module][kind_of(e["name"])] += e["dur"] * 1e-6
     devices = {}
     for dev, intervals in spans.items():
         intervals.sort()
@@ -90,7 +96,7 @@ def summarize(trace_dir: str | Path, top: int = 40) -> dict:
             acc[0] += e["dur"] * 1e-6
             acc[1] += 1
     host_ranked = sorted(host.items(), key=lambda kv: -kv[1][0])[:top]
-    return dict(devices=devices, kinds=dict(kinds), top=[(name, s, n) for name, (s, n) in ranked],
+    return dict(devices=devices, kinds=dict(kinds), modules={m: dict(k) for m, k in modules.items()}, top=[(name, s, n) for name, (s, n) in ranked],
                 host=[(name, s, n) for name, (s, n) in host_ranked])
 
 
@@ -100,6 +106,8 @@ def print_summary(summary: dict) -> None:
     total = sum(summary["kinds"].values()) or 1.0
     print("by kind: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})"
                                   for k, v in sorted(summary["kinds"].items(), key=lambda kv: -kv[1])))
+    for module, kinds in sorted(summary.get("modules", {}).items(), key=lambda mk: -sum(mk[1].values())):
+        print(f"  program {module[:60]}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(kinds.items())))
     for name, seconds, calls in summary["top"]:
         print(f"  {seconds * 1e3:9.2f} ms {calls:6d}x  {kind_of(name):10} {name[:90]}")
     print("host spans (dispatch):")

@@ -48,23 +48,34 @@ def greedy_probe(llm, prompts, n_tokens: int = 32) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def replay_device_seconds(engine, recorded) -> float:
-    """The device time of a run's steps: the same step inputs dispatched back to back with
-    nothing for the host to do in between (their KV writes go to the same slots again).
-    1 - this / the run's wall time is the fraction of the run the device sat idle."""
+def step_class(inputs) -> str:
+    """"prefill" when any sequence of the step has more than one query token, else "decode"."""
+    cu = inputs.meta.cu_q_lens[: inputs.num_seqs + 1]
+    return "prefill" if int(cu[-1]) > inputs.num_seqs else "decode"
+
+
+def replay_device_seconds(engine, recorded) -> dict[str, tuple[int, float]]:
+    """The device time of a run's steps, per step class: each class's step inputs dispatched
+    back to back with nothing for the host to do in between (their KV writes go to the same
+    slots again). {class: (steps, seconds)}; 1 - the sum / the run's wall time is the fraction
+    of the run the device sat idle, and the classes compare tensor-parallel sizes part by part."""
     import jax
 
     runner = engine.runner
-    out = None
-    jax.block_until_ready(runner.kv_caches)
-    t0 = time.perf_counter()
-    for inputs, had_prev, num_steps in recorded:
-        if num_steps > 1:
-            out = runner.execute_multi(inputs, num_steps, runner.no_prev_tokens if had_prev else None)
-        else:
-            out = runner.execute(inputs, runner.no_prev_tokens if had_prev else None)
-    jax.block_until_ready((out, runner.kv_caches))
-    return time.perf_counter() - t0
+    by_class: dict[str, tuple[int, float]] = {}
+    for cls in ("prefill", "decode"):
+        steps = [r for r in recorded if step_class(r[0]) == cls]
+        out = None
+        jax.block_until_ready(runner.kv_caches)
+        t0 = time.perf_counter()
+        for inputs, had_prev, num_steps in steps:
+            if num_steps > 1:
+                out = runner.execute_multi(inputs, num_steps, runner.no_prev_tokens if had_prev else None)
+            else:
+                out = runner.execute(inputs, runner.no_prev_tokens if had_prev else None)
+        jax.block_until_ready((out, runner.kv_caches))
+        by_class[cls] = (sum(r[2] for r in steps), time.perf_counter() - t0)
+    return by_class
 
 
 def say(msg: str) -> None:
@@ -138,7 +149,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
         engine._execute, engine.runner.execute_multi = execute, execute_multi
-        device_s = replay_device_seconds(engine, recorded)
+        by_class = replay_device_seconds(engine, recorded)
+        device_s = sum(sec for _, sec in by_class.values())
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         n_in = sum(map(len, prompts))
         tm = engine.timing
@@ -150,7 +162,10 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
             # Host time outside engine.step(): adding the requests before the first step and
             # assembling outputs after the last (part of the idle fraction on short runs).
             "seconds_outside_steps": wall - tm["loop_seconds"],
-            "device_seconds_replayed": device_s, "device_idle_fraction": max(0.0, 1 - device_s / wall),
+            "device_seconds_replayed": device_s,
+            "device_ms_per_step_by_class": {k: {"steps": n, "ms_per_step": 1e3 * sec / max(n, 1)}
+                                            for k, (n, sec) in by_class.items()},
+            "device_idle_fraction": max(0.0, 1 - device_s / wall),
             # The same, over the time spent inside engine.step() only: idle between steps.
             "device_idle_fraction_between_steps": max(0.0, 1 - device_s / max(tm["loop_seconds"], 1e-9)),
             # The host's critical path between collecting a step and dispatching the next, and
@@ -161,7 +176,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
             "all_lengths_exact": all(len(o.outputs[0].token_ids) == k for o, k in zip(outs, out_lens)),
         }
         say(f"{kind} {scheduling}: {row['output_tokens_per_s']:.0f} output tok/s, {row['ms_per_step']:.2f} ms/step, "
-            f"idle {row['device_idle_fraction']:.1%} ({row['device_idle_fraction_between_steps']:.1%} between steps)")
+            f"idle {row['device_idle_fraction']:.1%} ({row['device_idle_fraction_between_steps']:.1%} between steps); device "
+            + ", ".join(f"{k} {n} steps x {1e3 * sec / max(n, 1):.2f} ms" for k, (n, sec) in by_class.items()))
         record([row])
         first = first or row
         recorded, outs = [], None  # free the step inputs and outputs before the next run

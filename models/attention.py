@@ -34,9 +34,8 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, **kw)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, **kw)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, **kw)
+        # q, k and v as one matmul (models.fused_weights): per KV head, its G query heads, k, v.
+        self.qkv_proj = Linear(h, (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, d), bias=cfg.qkv_bias, **kw)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, **kw)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -46,10 +45,10 @@ class Attention(nnx.Module):
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         cfg = self.cfg
-        lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        g = cfg.num_heads // cfg.num_kv_heads
+        qkv = self.qkv_proj(x)  # [..., Hkv, G + 2, D]
+        q = qkv[..., :g, :].reshape(*x.shape[:-1], cfg.num_heads, cfg.head_dim)  # head h uses KV head h // G
+        k, v = qkv[..., g, :], qkv[..., g + 1, :]  # [..., Hkv, D]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)

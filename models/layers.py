@@ -13,13 +13,19 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Dtype, std: float = 0
 
 
 class Linear(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_normal(rngs, (d_out, d_in), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+    """y = x W^T (+ b) with W [*out, in] as Hugging Face stores it ([out, in]); a tuple `d_out`
+    keeps the parts of a fused projection on their own axes (models.fused_weights)."""
+
+    def __init__(self, d_in: int, d_out: int | tuple[int, ...], *, bias: bool, dtype: Dtype, param_dtype: Dtype,
+                 rngs: nnx.Rngs):
+        out = (d_out,) if isinstance(d_out, int) else tuple(d_out)
+        self.weight = nnx.Param(_normal(rngs, (*out, d_in), param_dtype))
+        self.bias = nnx.Param(jnp.zeros(out, param_dtype)) if bias else None
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., *out]
+        w = self.weight[...].astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -48,13 +54,13 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul (models.fused_weights)."""
 
     def __init__(self, dim: int, hidden: int, *, bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(dim, hidden, **kw)
-        self.up_proj = Linear(dim, hidden, **kw)
+        self.gate_up_proj = Linear(dim, (hidden, 2), **kw)  # [I, 2, dim]: gate and up rows side by side
         self.down_proj = Linear(hidden, dim, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., dim]
+        gate_up = self.gate_up_proj(x)  # [..., I, 2]
+        return self.down_proj(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1])

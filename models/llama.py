@@ -1,7 +1,8 @@
 """The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 by ModelConfig
 switches) as Flax NNX modules. Attribute names mirror Hugging Face's parameter names, so the
-flat state path of every parameter ("model.layers.0.self_attn.q_proj.weight") is its
-checkpoint name.
+flat state path of every parameter ("model.layers.0.self_attn.o_proj.weight") is its
+checkpoint name, except the fused q/k/v and gate/up projections ("...self_attn.qkv_proj.weight"
+stacks q_proj, k_proj and v_proj; models.fused_weights maps them).
 """
 
 import jax

@@ -2,7 +2,8 @@
 
 Loading builds the module abstractly (no random init), then fills each parameter straight
 from the memory-mapped safetensors into its device buffer, one tensor at a time, converted to
-the target dtype. Orbax saves/restores converted parameter states.
+the target dtype; q/k/v and gate/up are stacked into the model's fused parameters on the way
+(models.fused_weights), and split back when saving. Orbax saves/restores converted parameter states.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import fused_weights
 from models.config import ModelConfig
 from models.llama import CausalLM
 from models.sharding import check_divisible, param_sharding
@@ -51,23 +53,25 @@ def load_model(
     leaves = []
     for path, var in flat:
         name = param_name(path)
-        if name not in ckpt:
-            raise KeyError(f"weight {name!r} is missing from the checkpoint in {model_dir}")
         shape = var.get_value().shape
-        if ckpt.shape(name) != shape:
-            raise ValueError(
-                f"weight {name!r} has shape {ckpt.shape(name)} in the checkpoint, "
-                f"expected {shape} from config.json"
-            )
-        if mesh is None:
-            # astype on the mapped view copies just this tensor; device_put frees it after.
-            leaves.append(var.replace(jax.device_put(np.asarray(ckpt[name]).astype(dtype, copy=False), sharding)))
+        for source, source_shape in fused_weights.source_shapes(name, shape).items():
+            if source not in ckpt:
+                raise KeyError(f"weight {source!r} is missing from the checkpoint in {model_dir}")
+            if ckpt.shape(source) != source_shape:
+                raise ValueError(
+                    f"weight {source!r} has shape {ckpt.shape(source)} in the checkpoint, "
+                    f"expected {source_shape} from config.json"
+                )
+
+        def block(index=None, name=name, shape=shape) -> np.ndarray:
+            # From the memory-mapped file: a device's block is paged in when it is copied.
+            return fused_weights.read(name, shape, ckpt.__getitem__, index).astype(dtype, copy=False)
+
+        if mesh is None:  # device_put frees the host copy after
+            leaves.append(var.replace(jax.device_put(block(), sharding)))
         else:
-            view = ckpt[name]  # memory-mapped: a device's slice is paged in when it is copied
             leaves.append(var.replace(jax.make_array_from_callback(
-                shape, param_sharding(name, shape, mesh),
-                lambda index, view=view: np.asarray(view[index]).astype(dtype, copy=False), dtype=dtype,
-            )))
+                shape, param_sharding(name, shape, mesh), block, dtype=dtype)))
     state = nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves)])
     return nnx.merge(graphdef, state)
 
@@ -77,7 +81,9 @@ def save_hf_checkpoint(model: CausalLM, out_dir: str | Path, dtype: Any = jnp.bf
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, state = nnx.split(model)
-    tensors = {param_name(p): np.asarray(jax.device_get(v.get_value())).astype(dtype) for p, v in nnx.to_flat_state(state)}
+    tensors = {}
+    for p, v in nnx.to_flat_state(state):
+        tensors |= fused_weights.unfuse(param_name(p), np.asarray(jax.device_get(v.get_value())).astype(dtype))
     save_safetensors(tensors, out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(hf_config_dict(model.config, dtype) | (extra_config or {}), indent=2))
 

@@ -67,6 +67,7 @@ RULES: dict[str, MeshAxes] = {
     "kv_heads": TP,  # key/value heads (k/v_proj rows, the KV cache's head axis)
     "head_dim": None,
     "mlp": TP,  # intermediate size
+    "fused": None,  # the parts of a fused projection, side by side (models.fused_weights)
     "layers": None,
     "kv": None,  # the cache's K-or-V axis
     "pages": None,
@@ -77,20 +78,15 @@ RULES: dict[str, MeshAxes] = {
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed_tokens.weight": ("vocab", "embed"),
     "lm_head.weight": ("vocab", "embed"),
-    "q_proj.weight": ("heads", "embed"),
-    "q_proj.bias": ("heads",),
-    "k_proj.weight": ("kv_heads", "embed"),
-    "k_proj.bias": ("kv_heads",),
-    "v_proj.weight": ("kv_heads", "embed"),
-    "v_proj.bias": ("kv_heads",),
+    # q/k/v stacked per KV head (models.fused_weights): a shard of KV heads holds whole GQA groups.
+    "qkv_proj.weight": ("kv_heads", "fused", "head_dim", "embed"),
+    "qkv_proj.bias": ("kv_heads", "fused", "head_dim"),
     "o_proj.weight": ("embed", "heads"),
     "o_proj.bias": ("embed",),
     "q_norm.weight": ("head_dim",),
     "k_norm.weight": ("head_dim",),
-    "gate_proj.weight": ("mlp", "embed"),
-    "gate_proj.bias": ("mlp",),
-    "up_proj.weight": ("mlp", "embed"),
-    "up_proj.bias": ("mlp",),
+    "gate_up_proj.weight": ("mlp", "fused", "embed"),
+    "gate_up_proj.bias": ("mlp", "fused"),
     "down_proj.weight": ("embed", "mlp"),
     "down_proj.bias": ("embed",),
     "input_layernorm.weight": ("embed",),

@@ -128,6 +128,20 @@ def test_missing_tensor(hf_dir, tmp_path):
         load_model(path)
 
 
+def test_missing_part_of_a_fused_weight(hf_dir, tmp_path):
+    """q/k/v load into one fused parameter; a missing k_proj is named as the checkpoint names it."""
+    from models.safetensors_file import SafetensorsCheckpoint, save_safetensors
+
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    shutil.copy(hf_dir / "config.json", dst / "config.json")
+    save_safetensors({k: np.asarray(ckpt[k]) for k in ckpt.keys() if k != "model.layers.1.self_attn.k_proj.weight"},
+                     dst / "model.safetensors")
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.k_proj.weight"):
+        load_model(dst)
+
+
 def test_heads_not_divisible():
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"):
         ModelConfig.from_hf_dict(dict(_SMALL, architectures=["LlamaForCausalLM"], num_key_value_heads=3))

@@ -38,9 +38,11 @@ CONFIGS = {
     "llama": ModelConfig("LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=8, num_kv_heads=8, head_dim=8, max_position_embeddings=256),
     # Llama-3.1-70B's head layout (64 query heads over 8 KV heads): at TP 8 each device holds
-    # one KV head and its 8 query heads (the 70B TP 8 run of benchmarks, scaled down).
+    # one KV head and its 8 query heads (the 70B TP 8 run of benchmarks, scaled down); with
+    # attention biases (the fused q/k/v bias is split with its KV heads).
     "llama-70b-heads": ModelConfig("LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
-                                   num_layers=2, num_heads=64, num_kv_heads=8, head_dim=8, max_position_embeddings=256),
+                                   num_layers=2, num_heads=64, num_kv_heads=8, head_dim=8, max_position_embeddings=256,
+                                   qkv_bias=True, o_bias=True),
     # GQA (2 query heads per KV head), q/k norm, head_dim != hidden / heads.
     "qwen3": ModelConfig("Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
                          num_heads=16, num_kv_heads=8, head_dim=16, max_position_embeddings=256, qk_norm=True),
@@ -49,10 +51,10 @@ CONFIGS = {
 
 def _randomise(model):
     """Larger weights than the 0.02 init (varied greedy tokens, not one repeated token) and
-    non-trivial norm weights, so a mis-sharded norm would show."""
+    non-trivial norm weights and biases, so a mis-sharded norm or bias would show."""
     _, state = nnx.split(model)
     for i, (path, var) in enumerate(nnx.to_flat_state(state)):
-        if "norm" in str(path[-2]):
+        if "norm" in str(path[-2]) or path[-1] == "bias":
             var.set_value(var.get_value() + 0.3 * jax.random.normal(jax.random.key(i), var.get_value().shape))
         else:
             var.set_value(var.get_value() * 4.0)
@@ -121,20 +123,20 @@ def test_loaded_params_are_split(checkpoint):
     tp = 8
     model = load_model(path, jnp.float32, mesh=make_mesh(tp))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    d, h = cfg.head_dim, cfg.hidden_size
+    d, h, g = cfg.head_dim, cfg.hidden_size, cfg.num_heads // cfg.num_kv_heads
     want = {  # array -> (spec, one device's shard shape)
-        "q_proj": (attn.q_proj.weight, P("tp", None), (cfg.num_heads * d // tp, h)),
-        "k_proj": (attn.k_proj.weight, P("tp", None), (cfg.num_kv_heads * d // tp, h)),
-        "v_proj": (attn.v_proj.weight, P("tp", None), (cfg.num_kv_heads * d // tp, h)),
+        # q/k/v stacked per KV head: a device holds whole GQA groups (models.fused_weights).
+        "qkv_proj": (attn.qkv_proj.weight, P("tp", None, None, None), (cfg.num_kv_heads // tp, g + 2, d, h)),
         "o_proj": (attn.o_proj.weight, P(None, "tp"), (h, cfg.num_heads * d // tp)),
-        "gate_proj": (mlp.gate_proj.weight, P("tp", None), (cfg.intermediate_size // tp, h)),
-        "up_proj": (mlp.up_proj.weight, P("tp", None), (cfg.intermediate_size // tp, h)),
+        "gate_up_proj": (mlp.gate_up_proj.weight, P("tp", None, None), (cfg.intermediate_size // tp, 2, h)),
         "down_proj": (mlp.down_proj.weight, P(None, "tp"), (h, cfg.intermediate_size // tp)),
         "embed_tokens": (model.model.embed_tokens.weight, P("tp", None), (cfg.vocab_size // tp, h)),
         "norm": (model.model.norm.weight, P(None), (h,)),
     }
     if cfg.qk_norm:
         want["q_norm"] = (attn.q_norm.weight, P(None), (d,))
+    if cfg.qkv_bias:
+        want["qkv_bias"] = (attn.qkv_proj.bias, P("tp", None, None), (cfg.num_kv_heads // tp, g + 2, d))
     if model.lm_head is not None:
         want["lm_head"] = (model.lm_head.weight, P("tp", None), (cfg.vocab_size // tp, h))
     for what, (param, spec, shard_shape) in want.items():
@@ -145,7 +147,9 @@ def test_loaded_params_are_split(checkpoint):
         assert all(s.data.shape == shard_shape for s in shards), what
     # Same values as a one-device load.
     one = load_model(path, jnp.float32)
-    np.testing.assert_array_equal(np.asarray(attn.o_proj.weight[...]), np.asarray(one.model.layers[0].self_attn.o_proj.weight[...]))
+    for mine, theirs in ((attn.o_proj, one.model.layers[0].self_attn.o_proj), (attn.qkv_proj, one.model.layers[0].self_attn.qkv_proj),
+                         (mlp.gate_up_proj, one.model.layers[0].mlp.gate_up_proj)):
+        np.testing.assert_array_equal(np.asarray(mine.weight[...]), np.asarray(theirs.weight[...]))
 
 
 def test_random_model_generated_in_shards():
