@@ -3,6 +3,7 @@ between kernels, the kernels grouped by kind (attention, matmul, collective, oth
 host's dispatch spans (e.g. XLA's `command_buffer::update`).
 
     python benchmarks/profile_summary.py TRACE_DIR          # the log_dir given to jax.profiler.trace
+    python benchmarks/profile_summary.py TRACE_DIR --window 60 --window-out w.json.gz  # + 60 ms of kernels
     python benchmarks/throughput.py ... --profile $OUT/trace # records one and prints this
 
 Reads the `perfetto_trace.json.gz` that `jax.profiler.trace(..., create_perfetto_trace=True)`
@@ -39,12 +40,9 @@ def _trace_file(trace_dir: Path) -> Path:
     return files[-1]
 
 
-def summarize(trace_dir: str | Path, top: int = 40) -> dict:
-    """{"devices": {name: {busy_s, span_s, idle_fraction}}, "kinds": {kind: seconds},
-    "modules": {program: {kind: seconds}},
-    "top": [(kernel, seconds, calls)], "host": [(span, seconds, calls)]}, the kernels over the
-    device streams (or the CPU's XLA threads), the host spans over the other threads.
-    "kinds" and "top" sum over all devices: divide by their count for one device's share."""
+def _events(trace_dir: str | Path) -> tuple[list[dict], list[dict], dict[int, str]]:
+    """(kernels, the other complete events, pid -> process name) of the trace: the kernels of
+    the device streams, or on CPU the fusions on XLA's compute threads."""
     with gzip.open(_trace_file(Path(trace_dir))) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -54,19 +52,29 @@ def summarize(trace_dir: str | Path, top: int = 40) -> dict:
     device_pids = {pid for pid, name in procs.items() if name.startswith("/device:")}
 
     def is_kernel(e) -> bool:
-        if e.get("ph") != "X" or "dur" not in e:
-            return False
         if device_pids:
             return e["pid"] in device_pids
         # CPU: the fusions, not the executor spans that wrap them or the waits.
         return "XLA" in threads.get((e["pid"], e["tid"]), "") and not re.match(r"ThunkExecutor|.*Await", e["name"])
 
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    kernels = [e for e in complete if is_kernel(e)]
+    return kernels, [e for e in complete if not is_kernel(e)], procs
+
+
+def summarize(trace_dir: str | Path, top: int = 40) -> dict:
+    """{"devices": {name: {busy_s, span_s, idle_fraction}}, "kinds": {kind: seconds},
+    "modules": {program: {kind: seconds}},
+    "top": [(kernel, seconds, calls)], "host": [(span, seconds, calls)]}, the kernels over the
+    device streams (or the CPU's XLA threads), the host spans over the other threads.
+    "kinds" and "top" sum over all devices: divide by their count for one device's share."""
+    kernels, others, procs = _events(trace_dir)
     spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     # Per XLA program (GPU kernels carry their "hlo_module"): the forward's steps apart from
     # the multi-step decode's, and the sampler's.
     modules: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
-    for e in filter(is_kernel, events):
+    for e in kernels:
         spans[procs.get(e["pid"], str(e["pid"]))].append((e["ts"], e["ts"] + e["dur"]))
         acc = by_name[e["name"]]
         acc[0] += e["dur"] * 1e-6
@@ -90,14 +98,37 @@ def summarize(trace_dir: str | Path, top: int = 40) -> dict:
     # The host side of dispatch: JAX's and XLA's own spans (jit dispatch, argument handling,
     # executable launch, command-buffer updates), not the Python frames ("$file:line fn").
     host: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith("$") and not is_kernel(e):
+    for e in others:
+        if not e["name"].startswith("$"):
             acc = host[e["name"]]
             acc[0] += e["dur"] * 1e-6
             acc[1] += 1
     host_ranked = sorted(host.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(devices=devices, kinds=dict(kinds), modules={m: dict(k) for m, k in modules.items()}, top=[(name, s, n) for name, (s, n) in ranked],
                 host=[(name, s, n) for name, (s, n) in host_ranked])
+
+
+def window(trace_dir: str | Path, ms: float = 60.0) -> list[dict]:
+    """The kernels of every device that start within `ms` after the trace's median kernel start
+    (a stretch of steady decode in a run's trace), in time order: device, stream, name, start
+    (us from the window's start), duration (us), XLA op and program. The order, durations and
+    gaps of one layer's kernels, side by side for the devices of a tensor-parallel run."""
+    kernels, _, procs = _events(trace_dir)
+    kernels.sort(key=lambda e: e["ts"])
+    t0 = kernels[len(kernels) // 2]["ts"] if kernels else 0.0
+    return [dict(device=procs.get(e["pid"], str(e["pid"])), stream=e["tid"], name=e["name"], start_us=e["ts"] - t0,
+                 dur_us=e["dur"], op=(e.get("args") or {}).get("hlo_op", ""), program=(e.get("args") or {}).get("hlo_module", ""))
+            for e in kernels if t0 <= e["ts"] < t0 + ms * 1e3]
+
+
+def print_window(rows: list[dict], n: int = 60) -> None:
+    """The first `n` kernels of the window on its first device, each with the idle gap before it."""
+    first = [r for r in rows if r["device"] == rows[0]["device"]][:n] if rows else []
+    end = None
+    for r in first:
+        gap = 0.0 if end is None else r["start_us"] - end
+        end = max(end or 0.0, r["start_us"] + r["dur_us"])
+        print(f"  {r['start_us']:9.1f} us  gap {gap:6.1f}  dur {r['dur_us']:7.1f}  stream {r['stream']:<5} {r['name'][:50]:50} {r['op'][:30]}")
 
 
 def print_summary(summary: dict) -> None:
@@ -119,8 +150,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace_dir")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--window", type=float, default=0.0, metavar="MS",
+                    help="also print the kernels of MS milliseconds from the trace's middle (first device)")
+    ap.add_argument("--window-out", default=None, metavar="PATH.json.gz", help="and write that window (all devices) here")
     args = ap.parse_args()
     print_summary(summarize(args.trace_dir, args.top))
+    if args.window:
+        rows = window(args.trace_dir, args.window)
+        print_window(rows)
+        if args.window_out:
+            with gzip.open(args.window_out, "wt") as f:
+                json.dump(rows, f)
 
 
 if __name__ == "__main__":

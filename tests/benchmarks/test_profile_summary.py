@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from benchmarks.profile_summary import kind_of, summarize
+from benchmarks.profile_summary import kind_of, summarize, window
 
 
 def test_summary_of_a_real_trace(tmp_path):
@@ -23,6 +23,12 @@ def test_summary_of_a_real_trace(tmp_path):
     assert not any(name.startswith("$") for name, _, _ in s["host"])  # no Python frames
     if len(s["top"]) < 40:  # every kernel listed: the kinds split the same total
         assert abs(sum(s["kinds"].values()) - sum(sec for _, sec, _ in s["top"])) < 1e-9
+    assert abs(sum(sum(k.values()) for k in s["modules"].values()) - sum(s["kinds"].values())) < 1e-9
+    # A window of kernels from the trace's middle: in time order, inside the window, named.
+    rows = window(tmp_path, ms=1e3)
+    assert rows and all(r["name"] and r["dur_us"] >= 0 for r in rows)
+    starts = [r["start_us"] for r in rows]
+    assert starts == sorted(starts) and 0 <= starts[0] and starts[-1] < 1e6
 
 
 def test_kernel_kinds():
