@@ -93,7 +93,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
     t0 = time.perf_counter()
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-              num_scheduler_steps=args.num_scheduler_steps, gpu_memory_utilization=args.gpu_memory_utilization,
+              num_scheduler_steps=args.num_scheduler_steps, sequence_parallel_min_tokens=args.sequence_parallel_min_tokens,
+              gpu_memory_utilization=args.gpu_memory_utilization,
               compile_threads=args.compile_threads, progress=args.progress)
     startup = time.perf_counter() - t0
     engine = llm.engine
@@ -123,6 +124,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
         "first_token_agreement_with_dense": agree / len(check),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
+        "sequence_parallel_min_tokens": args.sequence_parallel_min_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization, "compile_threads": args.compile_threads,
     }
     first = None
@@ -262,6 +264,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--num-scheduler-steps", type=int, default=1,
                     help="decode steps per dispatch when every running request decodes (engine arg)")
+    ap.add_argument("--sequence-parallel-min-tokens", type=int, default=None,
+                    help="tensor parallel: steps of at least this many tokens split the residual stream by token (engine arg)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--compile-threads", type=int, default=None, help="default: the engine's (min(4, CPUs))")
     ap.add_argument("--progress", action="store_true", help="the engine's start-up progress bars (stderr)")

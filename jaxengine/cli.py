@@ -23,6 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="streams send a message per this many new tokens (first and last at once)")
     g.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode steps per dispatch when every running request decodes (1: off)")
+    g.add_argument("--sequence-parallel-min-tokens", type=int, default=None,
+                   help="tensor parallel: steps of at least this many tokens split the residual stream by token")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -32,6 +34,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         stream_interval=args.stream_interval, num_scheduler_steps=args.num_scheduler_steps,
+        sequence_parallel_min_tokens=args.sequence_parallel_min_tokens,
     )
 
 

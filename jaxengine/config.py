@@ -51,6 +51,14 @@ class EngineConfig:
     # prepare, dispatch, update) once per that many tokens. Stops are applied afterwards: a
     # request that ends inside the run drops its later tokens. 1 = off.
     num_scheduler_steps: int = 1
+    # Tensor parallel only: steps of at least this many tokens (the T bucket; prefill-sized)
+    # keep the residual stream split over `tp` by token between the layers (sequence
+    # parallelism): norms and residual adds run on T / tp rows, each all-reduce becomes a
+    # reduce-scatter + all-gather, and XLA may overlap those with the neighbouring matmuls
+    # (its windowed einsum, switched on for these programs). On an H200 pair the all-reduces
+    # were 14.5 ms of a 100 ms 8B prefill step at TP 2 (benchmarks/RESULTS.md, session 12).
+    # None: off. Its speed has not been measured on a GPU yet.
+    sequence_parallel_min_tokens: int | None = None
     # Streams (AsyncEngine, EngineProcess, the gRPC service): a request's next message waits
     # for this many new tokens (its first tokens and its end go at once), as vLLM's
     # stream_interval. 1 sends every step; larger values trade smoothness for fewer messages,
@@ -77,7 +85,7 @@ class EngineConfig:
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "data_parallel_size",
-                     "stream_interval", "num_scheduler_steps", "compile_threads"):
+                     "stream_interval", "num_scheduler_steps", "compile_threads", "sequence_parallel_min_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -179,6 +179,7 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
             kv_dtype=self.kv_dtype, attention_fn=_attention_fn(config.use_pallas), mesh=mesh,
             num_scheduler_steps=config.num_scheduler_steps,
+            sequence_parallel_min_tokens=config.sequence_parallel_min_tokens,
         )
         self.num_blocks = self._num_kv_blocks()
         if jax.process_count() > 1:  # every process must allocate the same cache

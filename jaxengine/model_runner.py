@@ -145,10 +145,13 @@ class ModelRunner:
         attention_fn: Callable | None = None,
         mesh: jax.sharding.Mesh | None = None,
         num_scheduler_steps: int = 1,
+        sequence_parallel_min_tokens: int | None = None,
     ):
         """`mesh`: run tensor parallel over it (models.sharding): parameters are placed on their
         shards (a no-op when loaded that way), the KV cache is allocated split by KV head, and
-        attention runs per shard. None: everything on the weights' one device."""
+        attention runs per shard. None: everything on the weights' one device.
+        `sequence_parallel_min_tokens` (with a mesh): steps of at least this many tokens (the
+        T bucket) keep the residual stream split by token (EngineConfig says why)."""
         cfg = model.config
         self.config = cfg
         self.block_size = block_size
@@ -182,6 +185,10 @@ class ModelRunner:
         s_max = self.seq_buckets[-1]
         self.num_scheduler_steps = num_scheduler_steps
         block_size, max_pages = self.block_size, self.max_pages
+        sp_min = sequence_parallel_min_tokens if mesh is not None else None
+
+        def sequence_parallel(t: int) -> bool:  # for a step of T bucket t (static)
+            return sp_min is not None and t >= sp_min
 
         def merged(state_leaves) -> CausalLM:
             return nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
@@ -192,14 +199,14 @@ class ModelRunner:
         def forward(state_leaves, kv_caches, buf, prev_token_ids, layout):  # -> logits [S, V] f32, caches
             tokens, meta = _unpack_step(buf, layout, prev_token_ids)
             model = merged(state_leaves)
-            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
+            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh, sequence_parallel(tokens.shape[0]))
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches
 
         def forward_prompt(state_leaves, kv_caches, buf, prev_token_ids, rows, targets, layout):
             """forward, plus logprobs of the next prompt token at `rows` (prompt_logprobs)."""
             tokens, meta = _unpack_step(buf, layout, prev_token_ids)
             model = merged(state_leaves)
-            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
+            hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh, sequence_parallel(tokens.shape[0]))
             lp = compute_logprobs(model.compute_logits(hidden[rows]), targets, MAX_LOGPROBS)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches, lp
 
@@ -223,7 +230,7 @@ class ModelRunner:
 
             def one_step(i, carry):
                 tokens, meta, kv_caches, out = carry
-                hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh)
+                hidden, kv_caches = model(tokens, kv_caches, meta, attention_fn, mesh, sequence_parallel(t))
                 logits = model.compute_logits(hidden[meta.logits_indices])
                 sampled = sample(logits, dataclasses.replace(tensors, positions=tensors.positions + i),
                                  use_top_k_top_p=use_top_k_top_p, use_penalties=False,
@@ -246,11 +253,16 @@ class ModelRunner:
 
         # With a mesh: logits gathered (replicated) for the sampler, caches kept split.
         kv_out = [kv_cache_sharding(mesh)] * cfg.num_layers if mesh is not None else None
+        # Sequence parallelism: let XLA overlap each all-gather / reduce-scatter with its
+        # matmul (windowed einsum, "collective matmul"); steps below sp_min have neither.
+        xla = {} if sp_min is None else {"compiler_options": {
+            "xla_gpu_threshold_for_windowed_einsum_mib": 0, "xla_gpu_multi_streamed_windowed_einsum": True}}
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out)}
-        self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames=("layout",), **shardings)
+        self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames=("layout",), **shardings, **xla)
         # Compiled on first use (per T, S and row bucket): prompt logprobs are rare.
         shardings = {} if mesh is None else {"out_shardings": (self.device, kv_out, self.device)}
-        self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), static_argnames=("layout",), **shardings)
+        self._forward_prompt = jax.jit(forward_prompt, donate_argnums=(1,), static_argnames=("layout",),
+                                       **shardings, **xla)
         shardings = {} if mesh is None else {"out_shardings": self.device}
         self._sample = jax.jit(sample_packed, static_argnames=(
             "layout", "num_logprobs", "use_top_k_top_p", "use_penalties", "all_greedy"), **shardings)

@@ -13,6 +13,11 @@ from models.attention import Attention, PagedAttentionFn, default_paged_attentio
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.layers import MLP, Dtype, Embedding, Linear, RMSNorm
+from models.sharding import replicated, sequence_split
+
+
+def _unsplit(x: jax.Array) -> jax.Array:
+    return x
 
 
 class DecoderLayer(nnx.Module):
@@ -26,10 +31,11 @@ class DecoderLayer(nnx.Module):
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
 
-    def __call__(self, x, kv_cache, meta, attention_fn, mesh=None):
+    def __call__(self, x, kv_cache, meta, attention_fn, mesh=None, split=_unsplit):
+        """`split`: sequence parallelism's constraint on the residual stream (CausalLM)."""
         h, kv_cache = self.self_attn(self.input_layernorm(x), kv_cache, meta, attention_fn, mesh)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        x = x + split(h)
+        return x + split(self.mlp(self.post_attention_layernorm(x))), kv_cache
 
     def dense(self, x: jax.Array) -> jax.Array:
         x = x + self.self_attn.dense(self.input_layernorm(x))
@@ -66,14 +72,22 @@ class CausalLM(nnx.Module):
         meta: AttentionMetadata,
         attention_fn: PagedAttentionFn | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        sequence_parallel: bool = False,
     ) -> tuple[jax.Array, list[jax.Array]]:  # hidden [T, hidden], updated caches
         """With `mesh` (parameters and caches sharded by models.sharding), attention runs per
-        `tp` shard under shard_map; everything else is partitioned by XLA."""
+        `tp` shard under shard_map; everything else is partitioned by XLA. `sequence_parallel`
+        (with a mesh) keeps the residual stream split by token between the layers."""
         attention_fn = attention_fn or default_paged_attention()
-        x = self.model.embed_tokens(tokens)
+        split = _unsplit
+        if sequence_parallel and mesh is not None:
+            split = sequence_split(mesh)
+            # Only the residual stream is split: keep the batch's metadata (positions, slots,
+            # rope) whole, or XLA spreads the split into it and gathers it back every layer.
+            tokens, meta = jax.lax.with_sharding_constraint((tokens, meta), replicated(mesh))
+        x = split(self.model.embed_tokens(tokens))
         new_caches = []
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x, cache = layer(x, cache, meta, attention_fn, mesh)
+            x, cache = layer(x, cache, meta, attention_fn, mesh, split)
             new_caches.append(cache)
         return self.model.norm(x), new_caches
 

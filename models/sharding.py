@@ -61,6 +61,10 @@ MeshAxes = str | tuple[str, ...] | None
 RULES: dict[str, MeshAxes] = {
     "batch": DP,  # sequences of one SPMD batch; a DP replica's mesh has dp = 1, so a no-op there
     "tokens": None,  # the flat ragged batch [T]
+    # The residual stream's tokens under sequence parallelism (prefill-sized steps only,
+    # EngineConfig.sequence_parallel_min_tokens): split, so norms and residual adds run on
+    # T / tp rows and each all-reduce becomes a reduce-scatter + all-gather.
+    "sequence": TP,
     "embed": None,  # hidden size
     "vocab": TP,
     "heads": TP,  # query heads (q_proj rows, o_proj columns: heads x head_dim folded)
@@ -96,6 +100,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 
 KV_CACHE_AXES = ("kv", "kv_heads", "pages", "page", "head_dim")  # pallas_kernels.kv_cache layout
 Q_AXES = ("tokens", "heads", "head_dim")  # [T, Hq, D]
+RESIDUAL_AXES = ("sequence", "embed")  # [T, hidden] under sequence parallelism
 KV_NEW_AXES = ("tokens", "kv_heads", "head_dim")  # [T, Hkv, D]
 
 
@@ -222,6 +227,14 @@ def kv_cache_sharding(mesh: Mesh, rules: dict[str, MeshAxes] = RULES) -> NamedSh
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def sequence_split(mesh: Mesh, rules: dict[str, MeshAxes] = RULES) -> Callable[[jax.Array], jax.Array]:
+    """Sequence parallelism: a function that keeps a [T, hidden] activation split by token.
+    XLA then reduce-scatters each row-parallel matmul's partial sums into it and all-gathers
+    it before each column-parallel matmul, instead of all-reducing."""
+    sharding = NamedSharding(mesh, logical_to_physical(RESIDUAL_AXES, rules))
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
 # ----------------------------------------------------------------------------- per-shard kernels

@@ -102,6 +102,41 @@ def test_multi_step_decode_under_tensor_parallelism(checkpoint):
     assert runs
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_steps_keep_the_tokens(checkpoint, tp):
+    """Sequence parallelism on every step (T buckets 16 and 32 >= 16): the residual stream
+    split by token between the layers gives TP 1's greedy tokens."""
+    _, path, want = checkpoint
+    llm = LLM(str(path), tensor_parallel_size=tp, dtype="float32", max_model_len=64, block_size=8, max_num_seqs=4,
+              max_num_batched_tokens=32, num_kv_blocks=48, progress=False, compilation_cache_dir="",
+              sequence_parallel_min_tokens=16)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
+
+
+def test_sequence_parallel_gathers_the_residual_only_from_its_threshold(checkpoint):
+    """At T >= sequence_parallel_min_tokens the compiled step all-gathers the [T, hidden]
+    residual before each column-parallel matmul (q/k/v, gate/up) and gathers no batch metadata;
+    below it the step has the plain Megatron all-reduces."""
+    import re
+
+    name, path, _ = checkpoint
+    cfg = CONFIGS[name]
+    runner = LLM(str(path), tensor_parallel_size=2, dtype="float32", max_model_len=64, block_size=8, max_num_seqs=4,
+                 max_num_batched_tokens=32, num_kv_blocks=48, progress=False, compilation_cache_dir="",
+                 sequence_parallel_min_tokens=32).engine.runner
+
+    def collectives(t: int) -> list[tuple[str, str]]:
+        buf, layout = runner._forward_args(t, 4)
+        hlo = runner._forward.lower(runner.state, runner.kv_caches, buf, runner.no_prev_tokens, layout=layout).compile().as_text()
+        return re.findall(r"= (\S+) (all-reduce|all-gather|reduce-scatter|collective-permute)(?:-start)?\(", hlo)
+
+    split = collectives(32)
+    assert sum(1 for shape, op in split if op == "all-gather" and shape.startswith(f"f32[32,{cfg.hidden_size}]")) == 2 * cfg.num_layers, split
+    assert not any(op == "collective-permute" for _, op in split), split
+    plain = [op for _, op in collectives(16)]
+    assert plain.count("all-reduce") == 1 + 2 * cfg.num_layers and plain.count("all-gather") == 1, plain
+
+
 def test_engine_params_and_kv_cache_are_split(checkpoint):
     name, path, _ = checkpoint
     cfg = CONFIGS[name]
