@@ -79,8 +79,8 @@ def read(name: str, fused_shape: tuple[int, ...], tensor: Callable[[str], np.nda
 
 def unfuse(name: str, array: np.ndarray) -> dict[str, np.ndarray]:
     """A parameter as its checkpoint tensors ({name: array} for an unfused one)."""
-    shapes = source_shapes(name, array.shape)
     if not is_fused(name):
         return {name: array}
+    shapes = source_shapes(name, array.shape)
     bounds = np.cumsum(_parts(array.shape, len(shapes)))[:-1]
     return {source: part.reshape(shape) for (source, shape), part in zip(shapes.items(), np.split(array, bounds, axis=1))}
