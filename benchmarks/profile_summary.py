@@ -57,9 +57,11 @@ def _events(trace_dir: str | Path) -> tuple[list[dict], list[dict], dict[int, st
         # CPU: the fusions, not the executor spans that wrap them or the waits.
         return "XLA" in threads.get((e["pid"], e["tid"]), "") and not re.match(r"ThunkExecutor|.*Await", e["name"])
 
-    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    kernels = [e for e in complete if is_kernel(e)]
-    return kernels, [e for e in complete if not is_kernel(e)], procs
+    kernels, others = [], []
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            (kernels if is_kernel(e) else others).append(e)
+    return kernels, others, procs
 
 
 def summarize(trace_dir: str | Path, top: int = 40) -> dict:

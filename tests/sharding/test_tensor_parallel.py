@@ -71,11 +71,16 @@ def checkpoint(request, tmp_path_factory):
     return request.param, path, want
 
 
-@functools.cache
-def _llm(path, tp, dp):
+def _new_llm(path, tp, dp=1, **engine_args):
+    """A small float32 engine on the checkpoint (two T buckets, 16 and 32)."""
     return LLM(str(path), tensor_parallel_size=tp, data_parallel_size=dp, dtype="float32", max_model_len=64,
                block_size=8, max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=48, progress=False,
-               compilation_cache_dir="")
+               compilation_cache_dir="", **engine_args)
+
+
+@functools.cache
+def _llm(path, tp, dp):
+    return _new_llm(path, tp, dp)
 
 
 def _generate(path, tp, dp):
@@ -92,9 +97,7 @@ def test_same_greedy_tokens_as_one_device(checkpoint, tp, dp):
 
 def test_multi_step_decode_under_tensor_parallelism(checkpoint):
     _, path, want = checkpoint
-    llm = LLM(str(path), tensor_parallel_size=2, dtype="float32", max_model_len=64, block_size=8, max_num_seqs=4,
-              max_num_batched_tokens=32, num_kv_blocks=48, progress=False, compilation_cache_dir="",
-              num_scheduler_steps=4)
+    llm = _new_llm(path, 2, num_scheduler_steps=4)
     runs = []
     execute_multi = llm.engine.runner.execute_multi
     llm.engine.runner.execute_multi = lambda inputs, k, *prev: runs.append(k) or execute_multi(inputs, k, *prev)
@@ -107,9 +110,7 @@ def test_sequence_parallel_steps_keep_the_tokens(checkpoint, tp):
     """Sequence parallelism on every step (T buckets 16 and 32 >= 16): the residual stream
     split by token between the layers gives TP 1's greedy tokens."""
     _, path, want = checkpoint
-    llm = LLM(str(path), tensor_parallel_size=tp, dtype="float32", max_model_len=64, block_size=8, max_num_seqs=4,
-              max_num_batched_tokens=32, num_kv_blocks=48, progress=False, compilation_cache_dir="",
-              sequence_parallel_min_tokens=16)
+    llm = _new_llm(path, tp, sequence_parallel_min_tokens=16)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
 
 
@@ -121,9 +122,7 @@ def test_sequence_parallel_gathers_the_residual_only_from_its_threshold(checkpoi
 
     name, path, _ = checkpoint
     cfg = CONFIGS[name]
-    runner = LLM(str(path), tensor_parallel_size=2, dtype="float32", max_model_len=64, block_size=8, max_num_seqs=4,
-                 max_num_batched_tokens=32, num_kv_blocks=48, progress=False, compilation_cache_dir="",
-                 sequence_parallel_min_tokens=32).engine.runner
+    runner = _new_llm(path, 2, sequence_parallel_min_tokens=32).engine.runner
 
     def collectives(t: int) -> list[tuple[str, str]]:
         buf, layout = runner._forward_args(t, 4)
