@@ -99,7 +99,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
     startup = time.perf_counter() - t0
     engine = llm.engine
     breakdown = {k: {"programs": n, "seconds": round(sec, 2)} for k, (n, sec) in engine.runner.warmup_breakdown.items()}
-    say(f"engine up in {startup:.1f} s, {engine.num_blocks * engine.config.block_size} KV tokens; warm-up: "
+    say(f"engine up in {startup:.1f} s, max_num_seqs {engine.config.max_num_seqs}, max_num_batched_tokens "
+        f"{engine.config.max_num_batched_tokens}, {engine.num_blocks * engine.config.block_size} KV tokens; warm-up: "
         + ", ".join(f"{k} {v['programs']} in {v['seconds']:.1f} s" for k, v in breakdown.items()))
     probe_prompts, _ = workload("mixed", vocab)
     probe = greedy_probe(llm, [p[: args.max_model_len // 2] for p in probe_prompts[:8]])
@@ -122,8 +123,8 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
         "first_run_seconds": {k: round(v, 3) for k, v in engine.runner.first_run_seconds}, "kv_blocks": engine.num_blocks,
         "kv_tokens": engine.num_blocks * engine.config.block_size, "greedy_probe": probe,
         "first_token_agreement_with_dense": agree / len(check),
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "max_num_seqs": engine.config.max_num_seqs,
+        "max_num_batched_tokens": engine.config.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
         "sequence_parallel_min_tokens": args.sequence_parallel_min_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization, "compile_threads": args.compile_threads,
     }
@@ -259,8 +260,8 @@ def main() -> None:
     ap.add_argument("--scheduling", nargs="+", choices=["async", "sync"], default=["async"],
                     help="async: schedule step N+1 while N runs (the default); sync: collect N first")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--num-scheduler-steps", type=int, default=1,
                     help="decode steps per dispatch when every running request decodes (engine arg)")

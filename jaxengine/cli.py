@@ -13,7 +13,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 on GPU, 16 on CPU")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="default: 1024 on a GPU of >= 70 GiB (not A100), 256 on other GPUs, 16 on CPU")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 8192 on GPU, 256 on CPU")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--seed", type=int, default=0)

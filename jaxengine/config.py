@@ -14,6 +14,19 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "default_model"
 
 
+def batch_defaults(platform: str, device_kind: str, memory_bytes: int | None) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) when the user sets neither. On GPUs, vLLM's rule:
+    1024 sequences on one of >= 70 GiB that is not an A100 (H100, H200: the larger decode
+    batch is what lets 8B TP 2 reach 1.6x TP 1, benchmarks/RESULTS.md session 13), else 256.
+    8192 batched tokens, vLLM's server value (its offline LLM takes 16384, which measured within
+    1% on an H200 pair and doubles the longest step a stream waits behind). On CPU 16 / 256:
+    every compiled bucket costs seconds at start-up and large batches buy nothing."""
+    if platform == "cpu":
+        return 16, 256
+    large = memory_bytes is not None and memory_bytes >= 70 << 30 and "a100" not in device_kind.lower()
+    return (1024 if large else 256), 8192
+
+
 @dataclasses.dataclass
 class EngineConfig:
     model: str = ""  # checkpoint dir, or a preset name (random weights) from models.PRESETS
@@ -25,8 +38,7 @@ class EngineConfig:
     # Where the device has no memory statistics (CPU): a fixed KV-cache budget.
     kv_cache_bytes: int = 256 << 20
     num_kv_blocks: int | None = None  # override the sizing (tests, benchmarks)
-    # None: 256 / 8192 on an accelerator; 16 / 256 on CPU, where every compiled bucket costs
-    # seconds at start-up and large batches buy nothing.
+    # None: batch_defaults() for the device (vLLM's: 1024 / 8192 on a GPU of >= 70 GiB).
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
@@ -57,7 +69,7 @@ class EngineConfig:
     # reduce-scatter + all-gather, and XLA may overlap those with the neighbouring matmuls
     # (its windowed einsum, switched on for these programs). On an H200 pair the all-reduces
     # were 14.5 ms of a 100 ms 8B prefill step at TP 2 (benchmarks/RESULTS.md, session 12).
-    # None: off. Its speed has not been measured on a GPU yet.
+    # None: off. On that H200 pair it made the prefill steps slower (116 -> 135 ms, session 13).
     sequence_parallel_min_tokens: int | None = None
     # Streams (AsyncEngine, EngineProcess, the gRPC service): a request's next message waits
     # for this many new tokens (its first tokens and its end go at once), as vLLM's
@@ -102,11 +114,14 @@ class EngineConfig:
             return
         import jax
 
-        on_cpu = jax.default_backend() == "cpu"
-        if self.max_num_seqs is None:
-            self.max_num_seqs = 16 if on_cpu else 256
+        from jaxengine.kv_capacity import device_memory_bytes
+
+        device = jax.local_devices()[0]
+        seqs, tokens = batch_defaults(device.platform, device.device_kind, device_memory_bytes(device))
+        if self.max_num_seqs is None:  # as vLLM: never above a batched-token budget the user set
+            self.max_num_seqs = min(seqs, self.max_num_batched_tokens or seqs)
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 256 if on_cpu else 8192
+            self.max_num_batched_tokens = max(tokens, self.max_num_seqs)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":

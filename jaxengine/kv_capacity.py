@@ -110,6 +110,18 @@ def claim_device_memory(fraction: float) -> None:
         _claimed_fraction = fraction
 
 
+def device_memory_bytes(device) -> int | None:
+    """The device's memory in bytes: the allocator's limit over the fraction of the device it
+    was given (XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75). None where the device keeps
+    no memory statistics (CPU)."""
+    import os
+
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit is None:
+        return None
+    return int(limit / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+
+
 # Of the allocator's limit, kept out of the KV cache for what the profiled activation peak
 # does not count: the step's outputs (f32 logits) and the sampler's buffers with two steps in
 # flight, programs compiled on first use, and allocator fragmentation. An H200 running the 1B
