@@ -123,8 +123,8 @@ def device_memory_bytes(device) -> int | None:
 
 
 # Of the allocator's limit, kept out of the KV cache for what the profiled activation peak
-# does not count: the step's outputs (f32 logits) and the sampler's buffers with two steps in
-# flight, programs compiled on first use, and allocator fragmentation. An H200 running the 1B
+# does not count (it takes one step's largest program): a second step in flight, programs
+# compiled on first use, and allocator fragmentation. An H200 running the 1B
 # preset ran out of memory in its first step with none kept.
 HEADROOM_FRACTION = 0.04
 

@@ -287,14 +287,30 @@ class ModelRunner:
             self.kv_caches = [jax.jit(init, out_shardings=kv_cache_sharding(self.mesh))() for _ in range(cfg.num_layers)]
 
     def profile_peak_bytes(self) -> int:
-        """Temporary device memory of the largest step, from XLA's own accounting of the
-        compiled program (lowered over a 2-page cache: the kernel never materialises the
-        context, so the pool size does not change the activations)."""
+        """Device memory a step needs beyond weights and KV cache, from XLA's own accounting of
+        the compiled programs: the larger of the biggest forward (its temporaries and the
+        logits it returns; lowered over a 2-page cache: the kernel never materialises the
+        context, so the pool size does not change the activations) and the sampler over a
+        full batch with top-k/top-p (its temporaries and the logits it reads). The sampler's
+        sort over [S, V] can be the larger: 3.5 GB at S = 1024 and the 8B's 128k vocabulary."""
         t = self.token_buckets[-1]
-        buf, layout = self._forward_args(t, min(self.seq_buckets[-1], t))
-        analysis = self._forward.lower(self.state, self._abstract_kv_cache(2), buf, self.no_prev_tokens,
-                                       layout=layout).compile().memory_analysis()
-        return 0 if analysis is None else int(analysis.temp_size_in_bytes)
+        s = self.seq_buckets[-1]
+        buf, layout = self._forward_args(t, min(s, t))
+        forward = self._forward.lower(self.state, self._abstract_kv_cache(2), buf, self.no_prev_tokens,
+                                      layout=layout).compile().memory_analysis()
+        sbuf, slayout = self._sampling_buf(s)
+        logits = jax.ShapeDtypeStruct((s, self.config.vocab_size), jnp.float32, sharding=self.device)
+        sampler = self._sample.lower(logits, sbuf, layout=slayout, num_logprobs=0, use_top_k_top_p=True,
+                                     use_penalties=False, all_greedy=False).compile().memory_analysis()
+        if forward is None or sampler is None:  # a backend without the accounting
+            return 0
+        return int(max(forward.temp_size_in_bytes + forward.output_size_in_bytes,
+                       sampler.temp_size_in_bytes + sampler.argument_size_in_bytes + sampler.output_size_in_bytes))
+
+    def _sampling_buf(self, s: int) -> tuple[np.ndarray, Layout]:
+        """Neutral sampling tensors of an S bucket, packed as `execute` packs them."""
+        tensors, _ = self._sampling_tensors([], self._static[np.zeros(s, np.intp)], np.zeros(s, np.int32), [])
+        return pack([getattr(tensors, f) for f in _SAMPLING_FIELDS])
 
     def _abstract_kv_cache(self, num_blocks: int) -> list[jax.ShapeDtypeStruct]:
         """The KV cache's shapes and shardings, to compile against before (or without) it."""
@@ -561,18 +577,14 @@ class ModelRunner:
         multis = [(t, s, k, g) for t, s in self._decode_buckets() for k, g in plain] if self.num_scheduler_steps > 1 else []
         abstract_kv = self._abstract_kv_cache(num_blocks)
 
-        def sampling_buf(s: int) -> tuple[np.ndarray, Layout]:
-            tensors, _ = self._sampling_tensors([], self._static[np.zeros(s, np.intp)], np.zeros(s, np.int32), [])
-            return pack([getattr(tensors, f) for f in _SAMPLING_FIELDS])
-
         def sampler_args(s: int, use_top_k_top_p: bool, all_greedy: bool) -> tuple[tuple, dict]:
-            buf, layout = sampling_buf(s)
+            buf, layout = self._sampling_buf(s)
             logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
             return (logits, buf), dict(layout=layout, num_logprobs=0, use_top_k_top_p=use_top_k_top_p,
                                        use_penalties=False, all_greedy=all_greedy)
 
         def multi_args(t: int, s: int, use_top_k_top_p: bool, all_greedy: bool) -> tuple[tuple, dict]:
-            (buf, layout), (sbuf, slayout) = self._forward_args(t, s), sampling_buf(s)
+            (buf, layout), (sbuf, slayout) = self._forward_args(t, s), self._sampling_buf(s)
             return (buf, sbuf, self.no_prev_tokens), dict(
                 layout=layout, sampling_layout=slayout, num_steps=self.num_scheduler_steps,
                 use_top_k_top_p=use_top_k_top_p, all_greedy=all_greedy)

@@ -4,6 +4,7 @@ runs after the allocation reuse those executables instead of compiling again."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 from jax._src import dispatch, monitoring
 
 from jaxengine.model_runner import ModelRunner
-from models import random_model
+from models import PRESETS, random_model
 
 
 @pytest.mark.parametrize("compile_threads", [1, 3])
@@ -46,3 +47,21 @@ def test_programs_compile_before_the_kv_cache_is_allocated(compile_threads):
         {(t, min(s, t)) for t in runner.token_buckets for s in runner.seq_buckets})]
     assert phases["compile_forward"][0] >= len(runner.token_buckets) and phases["compile_multi_step"][0] == 0
     assert all(seconds >= 0 for _, seconds in phases.values())
+
+
+def test_profiled_peak_covers_the_sampler_over_a_full_batch():
+    # A large vocabulary and as many sequences as tokens: the top-k/top-p sampler's sort over
+    # [S, V] needs more than the forward, so the KV budget must leave room for it.
+    config = dataclasses.replace(PRESETS["tiny-llama"], vocab_size=16384)
+    runner = ModelRunner(random_model(config, jnp.float32), num_blocks=None, block_size=16, max_model_len=128,
+                         max_num_seqs=64, max_num_batched_tokens=64, kv_dtype=jnp.float32)
+    buf, layout = runner._forward_args(64, 64)
+    forward = runner._forward.lower(runner.state, runner._abstract_kv_cache(2), buf, runner.no_prev_tokens,
+                                    layout=layout).compile().memory_analysis()
+    sbuf, slayout = runner._sampling_buf(64)
+    logits = jax.ShapeDtypeStruct((64, 16384), jnp.float32, sharding=runner.device)
+    sampler = runner._sample.lower(logits, sbuf, layout=slayout, num_logprobs=0, use_top_k_top_p=True,
+                                   use_penalties=False, all_greedy=False).compile().memory_analysis()
+    sampler_bytes = sampler.temp_size_in_bytes + sampler.argument_size_in_bytes
+    assert sampler_bytes > forward.temp_size_in_bytes + forward.output_size_in_bytes  # the case under test
+    assert runner.profile_peak_bytes() >= sampler_bytes >= 64 * 16384 * 4  # at least the logits it reads
