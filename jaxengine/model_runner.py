@@ -288,24 +288,30 @@ class ModelRunner:
 
     def profile_peak_bytes(self) -> int:
         """Device memory a step needs beyond weights and KV cache, from XLA's own accounting of
-        the compiled programs: the larger of the biggest forward (its temporaries and the
-        logits it returns; lowered over a 2-page cache: the kernel never materialises the
-        context, so the pool size does not change the activations) and the sampler over a
-        full batch with top-k/top-p (its temporaries and the logits it reads). The sampler's
-        sort over [S, V] can be the larger: 3.5 GB at S = 1024 and the 8B's 128k vocabulary."""
+        the compiled programs: the larger of the biggest forward and the sampler over a full
+        batch (its sort over [S, V] can be the larger: 3.5 GB at S = 1024 and the 8B's 128k
+        vocabulary). 0 on a backend without the accounting."""
+        return max(self._forward_peak_bytes(), self._sampler_peak_bytes())
+
+    def _forward_peak_bytes(self) -> int:
+        """The largest forward's temporaries and the logits it returns, lowered over a 2-page
+        cache (the kernel never materialises the context, so the pool size does not change
+        the activations)."""
         t = self.token_buckets[-1]
+        buf, layout = self._forward_args(t, min(self.seq_buckets[-1], t))
+        analysis = self._forward.lower(self.state, self._abstract_kv_cache(2), buf, self.no_prev_tokens,
+                                       layout=layout).compile().memory_analysis()
+        return 0 if analysis is None else int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+
+    def _sampler_peak_bytes(self) -> int:
+        """The top-k/top-p sampler over the largest S bucket: its temporaries and the logits it reads."""
         s = self.seq_buckets[-1]
-        buf, layout = self._forward_args(t, min(s, t))
-        forward = self._forward.lower(self.state, self._abstract_kv_cache(2), buf, self.no_prev_tokens,
-                                      layout=layout).compile().memory_analysis()
-        sbuf, slayout = self._sampling_buf(s)
+        buf, layout = self._sampling_buf(s)
         logits = jax.ShapeDtypeStruct((s, self.config.vocab_size), jnp.float32, sharding=self.device)
-        sampler = self._sample.lower(logits, sbuf, layout=slayout, num_logprobs=0, use_top_k_top_p=True,
-                                     use_penalties=False, all_greedy=False).compile().memory_analysis()
-        if forward is None or sampler is None:  # a backend without the accounting
-            return 0
-        return int(max(forward.temp_size_in_bytes + forward.output_size_in_bytes,
-                       sampler.temp_size_in_bytes + sampler.argument_size_in_bytes + sampler.output_size_in_bytes))
+        analysis = self._sample.lower(logits, buf, layout=layout, num_logprobs=0, use_top_k_top_p=True,
+                                      use_penalties=False, all_greedy=False).compile().memory_analysis()
+        return 0 if analysis is None else int(
+            analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
 
     def _sampling_buf(self, s: int) -> tuple[np.ndarray, Layout]:
         """Neutral sampling tensors of an S bucket, packed as `execute` packs them."""
