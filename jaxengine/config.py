@@ -110,18 +110,19 @@ class EngineConfig:
         """Fill the defaults that depend on the device. This initialises JAX's backends, so it
         runs where the engine is built, not where a config is made: a server whose engine runs
         in another process (EngineProcess) must not claim the GPU's memory."""
-        if self.max_num_seqs is not None and self.max_num_batched_tokens is not None:
-            return
-        import jax
+        if self.max_num_seqs is None or self.max_num_batched_tokens is None:
+            import jax
 
-        from jaxengine.kv_capacity import device_memory_bytes
+            from jaxengine.kv_capacity import device_memory_bytes
 
-        device = jax.local_devices()[0]
-        seqs, tokens = batch_defaults(device.platform, device.device_kind, device_memory_bytes(device))
-        if self.max_num_seqs is None:  # as vLLM: never above a batched-token budget the user set
-            self.max_num_seqs = min(seqs, self.max_num_batched_tokens or seqs)
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = max(tokens, self.max_num_seqs)
+            device = jax.local_devices()[0]
+            seqs, tokens = batch_defaults(device.platform, device.device_kind, device_memory_bytes(device))
+            if self.max_num_seqs is None:  # as vLLM: never above a batched-token budget the user set
+                self.max_num_seqs = min(seqs, self.max_num_batched_tokens or seqs)
+            if self.max_num_batched_tokens is None:
+                self.max_num_batched_tokens = tokens
+        # Every running request must be able to decode in one step.
+        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":

@@ -173,10 +173,9 @@ class EngineCore:
             )
         self.dtype = jax.tree.leaves(model)[0].dtype  # the weights' and activations'
         self.kv_dtype = kv_storage_dtype(self.dtype)
-        max_batched = max(config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(
             model, num_blocks=None, block_size=config.block_size, max_model_len=self.max_model_len,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             kv_dtype=self.kv_dtype, attention_fn=_attention_fn(config.use_pallas), mesh=mesh,
             num_scheduler_steps=config.num_scheduler_steps,
             sequence_parallel_min_tokens=config.sequence_parallel_min_tokens,
@@ -196,7 +195,7 @@ class EngineCore:
             self._leader = Leader(self.runner)
             self._execute = self._leader.execute
         self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, block_size=config.block_size, num_blocks=self.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching, policy=config.scheduling_policy,
         ))
