@@ -32,10 +32,10 @@ import jax  # noqa: E402
 
 from benchmarks.profile_summary import print_summary, summarize  # noqa: E402
 from jaxengine.config import EngineConfig  # noqa: E402
-from jaxengine.engine import Engine  # noqa: E402
-from jaxengine.model_runner import _step_arrays  # noqa: E402
+from jaxengine.engine.llm_engine import Engine  # noqa: E402
+from jaxengine.worker.model_runner import _step_arrays  # noqa: E402
 from jaxengine.outputs import OutputKind  # noqa: E402
-from jaxengine.packing import pack  # noqa: E402
+from jaxengine.worker.packing import pack  # noqa: E402
 from jaxengine.sampling_params import SamplingParams  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from pallas_kernels import (  # noqa: E402
     ragged_paged_attention_reference,
     write_kv,
 )
-from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic  # noqa: E402
+from pallas_kernels.ragged_paged_attention.mosaic import ragged_paged_attention_mosaic  # noqa: E402
 
 HKV, D, PS, DTYPE = 8, 128, 16, jnp.bfloat16
 RESULTS: dict = {"rows": [], "tune": [], "checks": [], "errors": []}

@@ -26,9 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxengine.request import Request  # noqa: E402
+from jaxengine.core.request import Request  # noqa: E402
 from jaxengine.sampling_params import SamplingParams  # noqa: E402
-from jaxengine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from jaxengine.core.sched.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 VOCAB = 32000
 

@@ -270,7 +270,7 @@ def _git_sha() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxengine.cli import _add_engine_args, engine_kwargs
+    from serving.cli import _add_engine_args, engine_kwargs
 
     p = argparse.ArgumentParser(description="jaxengine gRPC serving benchmark")
     p.add_argument("--target", default=None, help="host:port of a running server (default: launch one in-process)")
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             kw["num_kv_blocks"] = args.num_kv_blocks
         t0 = time.perf_counter()
         if args.engine_process:
-            from jaxengine.engine_process import EngineProcess
+            from jaxengine.engine.engine_process import EngineProcess
 
             async_engine = EngineProcess(EngineConfig.from_kwargs(args.model, **kw), num_clients=args.api_server_count)
         else:

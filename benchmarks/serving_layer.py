@@ -27,7 +27,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving import run_load, summarize  # noqa: E402
-from jaxengine.async_engine import StreamingEngine  # noqa: E402
+from jaxengine.engine.async_engine import StreamingEngine  # noqa: E402
 from serving.generated import engine_pb2 as pb  # noqa: E402
 from serving.server import BackgroundServer, ServeOptions  # noqa: E402
 

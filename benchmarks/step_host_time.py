@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxengine.config import EngineConfig  # noqa: E402
-from jaxengine.engine import Engine  # noqa: E402
+from jaxengine.engine.llm_engine import Engine  # noqa: E402
 from jaxengine.outputs import OutputKind  # noqa: E402
 from jaxengine.sampling_params import SamplingParams  # noqa: E402
 
@@ -54,7 +54,7 @@ def instrument(engine: Engine, spent: dict, forward_stats: dict) -> None:
         forward_stats["prev_finished_meanwhile"] += running and prev.is_ready()
         return out
 
-    import jaxengine.model_runner as model_runner
+    import jaxengine.worker.model_runner as model_runner
 
     runner._forward = forward_timed
     runner._sample = timed("sample", runner._sample)

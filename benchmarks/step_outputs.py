@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxengine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from jaxengine.engine_process import _Sender  # noqa: E402
+from jaxengine.engine.engine_process import _Sender  # noqa: E402
 from jaxengine.outputs import OutputKind  # noqa: E402
 
 

@@ -207,7 +207,7 @@ def run_hf(preset: str, prompts, out_lens, args) -> list[dict]:
     import transformers
 
     from models import preset_config
-    from models.loader import hf_config_dict
+    from models.loading.loader import hf_config_dict
 
     cfg = preset_config(preset)
     hf_cfg = transformers.AutoConfig.for_model(**hf_config_dict(cfg))

@@ -5,12 +5,12 @@ prefix caching, chunked prefill).
     outs = jaxengine.generate(["def fibonacci(n):"], jaxengine.SamplingParams(max_tokens=64))
 """
 
-from jaxengine.async_engine import AsyncEngine
+from jaxengine.engine.async_engine import AsyncEngine
 from jaxengine.config import EngineConfig
-from jaxengine.data_parallel import DataParallelEngine, make_engine
-from jaxengine.engine import Engine
-from jaxengine.engine_process import EngineProcess
-from jaxengine.llm import LLM, generate
+from jaxengine.engine.data_parallel import DataParallelEngine, make_engine
+from jaxengine.engine.llm_engine import Engine
+from jaxengine.engine.engine_process import EngineProcess
+from jaxengine.entrypoints.llm import LLM, generate
 from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 

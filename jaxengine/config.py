@@ -46,7 +46,7 @@ class EngineConfig:
     seed: int = 0
     # Several devices (models.sharding): tensor_parallel_size devices per model replica, and
     # data_parallel_size independent replicas (own scheduler and KV pool each) on disjoint
-    # device groups, requests spread round-robin (jaxengine.data_parallel).
+    # device groups, requests spread round-robin (jaxengine.engine.data_parallel).
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     # Several processes (jax.distributed): True runs the scheduler on process 0 only, which
@@ -113,7 +113,7 @@ class EngineConfig:
         if self.max_num_seqs is None or self.max_num_batched_tokens is None:
             import jax
 
-            from jaxengine.kv_capacity import device_memory_bytes
+            from jaxengine.worker.kv_capacity import device_memory_bytes
 
             device = jax.local_devices()[0]
             seqs, tokens = batch_defaults(device.platform, device.device_kind, device_memory_bytes(device))

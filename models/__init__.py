@@ -2,9 +2,9 @@
 
 from models.attention_metadata import AttentionMetadata
 from models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
-from models.llama import CausalLM
-from models.loader import load_model, restore_params, save_hf_checkpoint, save_params
-from models.presets import PRESETS, preset_config, random_model
+from models.llama.model import CausalLM
+from models.loading.loader import load_model, restore_params, save_hf_checkpoint, save_params
+from models.loading.presets import PRESETS, preset_config, random_model
 from models.sharding import make_mesh
 
 __all__ = [

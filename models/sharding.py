@@ -71,7 +71,7 @@ RULES: dict[str, MeshAxes] = {
     "kv_heads": TP,  # key/value heads (k/v_proj rows, the KV cache's head axis)
     "head_dim": None,
     "mlp": TP,  # intermediate size
-    "fused": None,  # the parts of a fused projection, side by side (models.fused_weights)
+    "fused": None,  # the parts of a fused projection, side by side (models.loading.fused_weights)
     "layers": None,
     "kv": None,  # the cache's K-or-V axis
     "pages": None,
@@ -82,7 +82,7 @@ RULES: dict[str, MeshAxes] = {
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed_tokens.weight": ("vocab", "embed"),
     "lm_head.weight": ("vocab", "embed"),
-    # q/k/v stacked per KV head (models.fused_weights): a shard of KV heads holds whole GQA groups.
+    # q/k/v stacked per KV head (models.loading.fused_weights): a shard of KV heads holds whole GQA groups.
     "qkv_proj.weight": ("kv_heads", "fused", "head_dim", "embed"),
     "qkv_proj.bias": ("kv_heads", "fused", "head_dim"),
     "o_proj.weight": ("embed", "heads"),

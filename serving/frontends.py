@@ -101,7 +101,7 @@ def _frontend_main(options, engine_conn, control) -> None:
 
 
 async def _frontend(options, engine_conn, control) -> int:
-    from jaxengine.engine_process import EngineClient
+    from jaxengine.engine.engine_process import EngineClient
     from serving.server import EngineServer
 
     server = EngineServer(options)

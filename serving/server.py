@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxengine.async_engine import AsyncEngine, StreamingEngine
+from jaxengine.engine.async_engine import AsyncEngine, StreamingEngine
 from jaxengine.config import EngineConfig
 from serving.auth import ApiKeyInterceptor
 from serving.metrics import ServingMetrics
@@ -161,11 +161,11 @@ def _load_in_thread(config: EngineConfig, progress: bool, engine_process: bool,
     def work():
         try:
             if engine_process:
-                from jaxengine.engine_process import EngineProcess
+                from jaxengine.engine.engine_process import EngineProcess
 
                 result = EngineProcess(config, progress=progress, num_clients=num_clients)
             else:
-                from jaxengine.data_parallel import make_engine
+                from jaxengine.engine.data_parallel import make_engine
 
                 result = AsyncEngine(make_engine(config, progress=progress))
         except BaseException as e:  # noqa: BLE001 - handed to the loop

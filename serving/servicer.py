@@ -28,7 +28,7 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
-from jaxengine.async_engine import EngineDeadError, StreamingEngine
+from jaxengine.engine.async_engine import EngineDeadError, StreamingEngine
 from jaxengine.outputs import RequestOutput
 from serving import conversion
 from serving.generated import engine_pb2 as pb

@@ -21,7 +21,7 @@ PROMPTS = ["def fibonacci(n):", "Hello world"]
 @pytest.fixture(scope="module")
 def engine_process(tiny_model):
     from jaxengine import EngineConfig
-    from jaxengine.engine_process import EngineProcess
+    from jaxengine.engine.engine_process import EngineProcess
 
     proc = EngineProcess(EngineConfig.from_kwargs(str(tiny_model), **ENGINE_ARGS), progress=False)
     yield proc
@@ -125,7 +125,7 @@ def test_the_serving_process_leaves_the_device_to_the_engine_process():
     import sys
 
     code = (
-        "import jaxengine, serving.server, jaxengine.engine_process\n"
+        "import jaxengine, serving.server, jaxengine.engine.engine_process\n"
         "from jax._src import xla_bridge as xb\n"
         "cfg = jaxengine.EngineConfig.from_kwargs('tiny-llama')\n"
         "srv = serving.server.EngineServer(serving.server.ServeOptions(port=0, model_name='x'))\n"
@@ -233,7 +233,7 @@ def test_a_failure_building_outputs_fails_its_request_and_the_client_goes_on(eng
     """Outputs are built on the client's reader thread: should that fail for a step, its
     requests fail with the error (no stream hangs), the engine aborts them, and the client
     keeps serving."""
-    from jaxengine.async_engine import EngineDeadError
+    from jaxengine.engine.async_engine import EngineDeadError
 
     real = engine_process.processor.process
 
@@ -288,7 +288,7 @@ def test_multi_step_decode_across_the_process(tiny_model, want):
     """num_scheduler_steps: a step's outputs carry several tokens per request; split per
     client and detokenized there, the streams still equal the offline engine's."""
     from jaxengine import EngineConfig
-    from jaxengine.engine_process import EngineProcess
+    from jaxengine.engine.engine_process import EngineProcess
 
     proc = EngineProcess(EngineConfig.from_kwargs(str(tiny_model), **ENGINE_ARGS, num_scheduler_steps=4), progress=False)
     try:

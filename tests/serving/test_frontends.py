@@ -49,7 +49,7 @@ def _metric(text: str, name: str) -> float:
 def test_three_front_ends_share_the_port_and_drain(tiny_model):
     want = jaxengine.generate([PROMPT], jaxengine.SamplingParams(max_tokens=12, temperature=0.0),
                               model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0].token_ids
-    args = [sys.executable, "-m", "jaxengine.cli", "serve", "--model", str(tiny_model), "--port", "0", "--quiet",
+    args = [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--port", "0", "--quiet",
             "--drain-timeout", "0.3", "--metrics-port", "0", "--api-server-count", "3"]
     for k, v in ENGINE_ARGS.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -99,7 +99,7 @@ def test_three_front_ends_share_the_port_and_drain(tiny_model):
 
 def test_engine_aborts_the_requests_of_a_client_that_leaves(tiny_model):
     from jaxengine import EngineConfig
-    from jaxengine.engine_process import EngineClient, EngineProcess
+    from jaxengine.engine.engine_process import EngineClient, EngineProcess
 
     proc = EngineProcess(EngineConfig.from_kwargs(str(tiny_model), **ENGINE_ARGS), progress=False, num_clients=2)
     try:

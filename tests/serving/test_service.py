@@ -30,7 +30,7 @@ def offline(tiny_model):
     params = jaxengine.SamplingParams(max_tokens=24, temperature=0.0)
     outs = jaxengine.generate(PROMPTS, params, model=str(tiny_model), **ENGINE_ARGS)
     chat = [{"role": "system", "content": "You write code."}, {"role": "user", "content": "fibonacci please"}]
-    llm = jaxengine.llm._cached_llm(str(tiny_model), tuple(sorted(ENGINE_ARGS.items())))
+    llm = jaxengine.entrypoints.llm._cached_llm(str(tiny_model), tuple(sorted(ENGINE_ARGS.items())))
     chat_out = llm.chat(chat, params, use_tqdm=False)[0]
     stop_out = llm.generate(PROMPTS[0], jaxengine.SamplingParams(max_tokens=24, temperature=0.0, logprobs=3), use_tqdm=False)[0]
     return dict(outs=outs, chat=chat, chat_out=chat_out, logprobs_out=stop_out)
@@ -287,7 +287,7 @@ def test_duplicate_request_id_in_flight(stub, async_engine):
 
 def test_cli_client(server, stub, offline):
     want = offline["outs"][0].outputs[0].text
-    cmd = [sys.executable, "-m", "jaxengine.cli", "client", PROMPTS[0], "--target", server.address, "--max-tokens", "24"]
+    cmd = [sys.executable, "-m", "serving.cli", "client", PROMPTS[0], "--target", server.address, "--max-tokens", "24"]
     out = subprocess.run(cmd + ["--stream"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == want + "\n"

@@ -1,0 +1,2 @@
+"""Host-side bookkeeping: requests, the block pool, the KV cache manager; sched/ holds the
+scheduler."""

@@ -1,0 +1,1 @@
+"""Public entry points: `LLM` and `generate` (llm.py)."""

@@ -1,0 +1,1 @@
+"""On-device sampling (sampler.py) and its per-row tensors."""
