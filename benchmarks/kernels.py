@@ -558,7 +558,7 @@ def main():
         prefill_section(cache, num_pages, bw, peak, prefill)
         log(f"prefill done ({time.time() - t_start:.0f}s)")
         save()
-    if "mosaic" in sections and not SMOKE:  # on the CPU it needs the Mosaic GPU interpreter (tests/kernels cover it)
+    if "mosaic" in sections and not SMOKE:  # on the CPU it needs the Mosaic GPU interpreter (tests/pallas_kernels cover it)
         mosaic_section(cache, num_pages, bw, peak, prefill)
         log(f"mosaic prefill done ({time.time() - t_start:.0f}s)")
         save()

@@ -10,7 +10,7 @@ and heads; depth only repeats the same sharded layer).
 
 Why not the bf16 engine's tokens: random bf16 weights give near-tied logits, and TP sums
 each row-parallel matmul in another order (partial sums, then an all-reduce), so bf16
-greedy tokens of two TP sizes part at the first near-tie (benchmarks/RESULTS.md, 8B TP).
+greedy tokens of two TP sizes part at the first near-tie.
 Here the same random weights run in float32 with the highest matmul precision (no TF32) and
 the jnp reference attention (the Pallas kernel is checked against that reference on its
 own): the sums still differ in order, but by ~1e-6 relative, far below the usual gap

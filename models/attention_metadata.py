@@ -1,5 +1,5 @@
 """AttentionMetadata: the ragged batch's index arrays, built by the runner on the host and
-passed through the model to the attention kernel (see DESIGN.md, "Ragged batch")."""
+passed through the model to the attention kernel (docs/DESIGN.md, "One engine step")."""
 
 import dataclasses
 

@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MODEL_DIR = REPO / "jaxengine" / "default_model"
 RECIPE = REPO / "training" / "train_default_model.py"
 MAX_SAFETENSORS_BYTES = 13_000_000

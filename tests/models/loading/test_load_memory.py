@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from models import ModelConfig, random_model, save_hf_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_peak_host_memory_below_two_copies(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from jaxengine import LLM, SamplingParams
 from models import ModelConfig, random_model, save_hf_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = [[5, 17, 99, 3, 200, 41], [250, 1, 2], [9] * 11]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 ENGINE_ARGS = dict(dtype="float32", max_model_len=64, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
