@@ -33,9 +33,9 @@ import jax  # noqa: E402
 from benchmarks.profile_summary import print_summary, summarize  # noqa: E402
 from jaxengine.config import EngineConfig  # noqa: E402
 from jaxengine.engine.llm_engine import Engine  # noqa: E402
-from jaxengine.worker.model_runner import _step_arrays  # noqa: E402
 from jaxengine.outputs import OutputKind  # noqa: E402
 from jaxengine.worker.packing import pack  # noqa: E402
+from jaxengine.worker.step_inputs import step_arrays  # noqa: E402
 from jaxengine.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def main() -> None:
         max_model_len=args.max_model_len, gpu_memory_utilization=0.5, num_scheduler_steps=k), progress=False)
     runner = engine.runner
     inputs = capture_decode_step(engine, args.num_requests)
-    buf, layout = pack(_step_arrays(inputs))
+    buf, layout = pack(step_arrays(inputs))
     on_device = jax.device_put(buf)
 
     def forward(packed):

@@ -39,6 +39,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxengine.engine.step_timing import StepTiming
 
 # This file is named like the `serving` package: put the repository root, not this directory,
 # first on the import path (`python benchmarks/serving.py` puts benchmarks/ there).
@@ -211,13 +215,11 @@ def _cold_prefix_cache(async_engine) -> None:
 
 
 def _reset_prefix_cache(engine) -> bool:
-    replicas = getattr(engine, "replicas", [engine])  # a DataParallelEngine resets each replica
-    return all([e.reset_prefix_cache() for e in replicas])
+    return engine.reset_prefix_cache()  # a DataParallelEngine resets each replica
 
 
-def _timing(engine) -> dict:
-    timing = getattr(engine, "timing", None)  # a DataParallelEngine has none
-    return dict(timing) if isinstance(timing, dict) else {}
+def _timing(engine) -> StepTiming:
+    return engine.step_timing()
 
 
 def _queue_depth(engine) -> tuple[int, int]:
@@ -243,16 +245,16 @@ def _queue_summary(samples: list[tuple[float, int, int]]) -> dict:
                 timeline=samples[:: max(1, len(samples) // 40)])
 
 
-def _engine_delta(before: dict, after: dict, out_tokens: int, duration: float) -> dict:
+def _engine_delta(before: StepTiming, after: StepTiming, out_tokens: int, duration: float) -> dict:
     """The engine's own counters over one run: is it the engine or the service that is slow?"""
-    steps = after.get("steps", 0) - before.get("steps", 0)
-    bound = after.get("host_bound_steps", 0) - before.get("host_bound_steps", 0)
+    steps = after.steps - before.steps
+    bound = after.host_bound_steps - before.host_bound_steps
     return dict(steps=steps, tokens_per_step=out_tokens / max(1, steps), steps_per_s=steps / duration,
                 host_bound_fraction=bound / max(1, steps),
-                seconds_in_step=after.get("loop_seconds", 0) - before.get("loop_seconds", 0),
+                seconds_in_step=after.loop_seconds - before.loop_seconds,
                 # An engine process's loop beside the steps: its clients' commands, and sending outputs.
-                seconds_in_commands=after.get("commands_seconds", 0) - before.get("commands_seconds", 0),
-                seconds_in_outputs=after.get("outputs_seconds", 0) - before.get("outputs_seconds", 0))
+                seconds_in_commands=after.commands_seconds - before.commands_seconds,
+                seconds_in_outputs=after.outputs_seconds - before.outputs_seconds)
 
 
 def _device_info(engine) -> dict:  # asked of the engine: this process may not own the GPU
@@ -385,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             after = async_engine.call(_timing).result()
             s["engine"] = _engine_delta(before, after, s["total_output_tokens"], duration)
             s["engine"].update(_queue_summary(watcher.result()))
-            if math.isinf(rate) and "busy_start" in after:  # one busy spell: where the run's ends went
-                # perf_counter is one clock for every process on Linux (CLOCK_MONOTONIC)
-                s["engine"].update(ramp_s=after["busy_start"] - start_at,
-                                   tail_s=start_at + duration - after["busy_end"])
+            if math.isinf(rate) and after.busy_start is not None and after.busy_end is not None:
+                # One busy spell: where the run's ends went (perf_counter is one clock for every
+                # process on Linux, CLOCK_MONOTONIC).
+                s["engine"].update(ramp_s=after.busy_start - start_at, tail_s=start_at + duration - after.busy_end)
         print_summary(name, s)
         return s
 

@@ -27,7 +27,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving import run_load, summarize  # noqa: E402
-from jaxengine.engine.async_engine import StreamingEngine  # noqa: E402
+from jaxengine.engine.async_engine import StreamingEngine, StreamItem  # noqa: E402
+from jaxengine.outputs import CompletionRecord, OutputRecord  # noqa: E402
 from serving.generated import engine_pb2 as pb  # noqa: E402
 from serving.server import BackgroundServer, ServeOptions  # noqa: E402
 
@@ -81,9 +82,14 @@ class SyntheticEngine(StreamingEngine):
                     done = n >= self.output_len
                     if done:
                         del self._running[rid]
-                    rec = [rid, None, [0], done, 0, (0.0, None, None, None),
-                           [(0, "", [7], None, None, "length" if done else None, None)], None]
-                    items.append((rid, rec, 1, done))
+                    completion = CompletionRecord(index=0, text="", token_ids=[7], cumulative_logprob=None,
+                                                  logprobs=None, finish_reason="length" if done else None,
+                                                  stop_reason=None)
+                    rec = OutputRecord(request_id=rid, prompt=None, prompt_token_ids=[0], finished=done,
+                                       num_cached_tokens=0, completions=[completion], prompt_logprobs=None,
+                                       arrival_time=0.0, first_scheduled_time=None, first_token_time=None,
+                                       finished_time=None)
+                    items.append(StreamItem(rid, rec, 1, done))
             if items:
                 self._send_all(items)
             time.sleep(max(0.0, self.step_s - (time.perf_counter() - t0)))

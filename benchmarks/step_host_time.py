@@ -92,7 +92,7 @@ def main() -> None:
                                request_id=f"r{rep}-{i}", output_kind=OutputKind.FINAL_ONLY)
         spent.clear()
         forward_stats.update(calls=0, prev_running=0, prev_finished_meanwhile=0)
-        engine.timing.update({k: 0 for k in engine.timing})
+        engine.timing.reset()
         t0, steps = time.perf_counter(), 0
         while engine.has_unfinished_requests():
             engine.step_records()
@@ -101,10 +101,10 @@ def main() -> None:
         if rep == 0:
             continue
         result = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), output_tok_s=1024 * 128 / wall,
-                      ms_per_step=1e3 * wall / steps, steps=steps, forward_passes=engine.timing["steps"],
-                      multi_step_runs=engine.timing["multi_step_runs"],
+                      ms_per_step=1e3 * wall / steps, steps=steps, forward_passes=engine.timing.steps,
+                      multi_step_runs=engine.timing.multi_step_runs,
                       num_scheduler_steps=args.num_scheduler_steps,
-                      waiting_for_tokens_ms=1e3 * engine.timing["wait_seconds"] / steps,
+                      waiting_for_tokens_ms=1e3 * engine.timing.wait_seconds / steps,
                       per_step_ms={k: round(1e3 * v / steps, 3) for k, v in sorted(spent.items())}, **forward_stats)
         print(json.dumps(result), flush=True)
         results.append(result)

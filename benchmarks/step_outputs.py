@@ -1,7 +1,7 @@
 """Host cost of a step's outputs, per step of 256 running requests, as CPU time of the
 engine's thread (so the CPU "device" computing alongside on a small VM does not blur it):
 - core: EngineCore._outputs (the step's token ids -> CoreOutputs), on the step loop always;
-- to the pipe: _Sender.outputs (pickling CoreOutputs), on an engine process's step loop;
+- to the pipe: pickling CoreOutputs as ClientLink.send does, on an engine process's step loop;
 - processor: OutputProcessor.process (CoreOutputs -> OutputRecords), on the step loop of an
   in-process Engine, in the front-end processes of an engine process.
 DELTA is what streaming and the gRPC service ask for on every step; FINAL_ONLY is what
@@ -13,6 +13,7 @@ offline generation asks for.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -22,16 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxengine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from jaxengine.engine.engine_process import _Sender  # noqa: E402
 from jaxengine.outputs import OutputKind  # noqa: E402
-
-
-class _NullConn:  # the pipe's far end: measure the engine side only
-    def send_bytes(self, data: bytes) -> None:
-        pass
-
-    def send(self, msg) -> None:
-        pass
 
 
 def main() -> None:
@@ -42,7 +34,6 @@ def main() -> None:
     args = ap.parse_args()
     engine = Engine(EngineConfig.from_kwargs("tiny-llama", dtype="float32", max_model_len=512, max_num_seqs=args.requests,
                                              max_num_batched_tokens=4096, num_kv_blocks=4096), progress=False)
-    sender = _Sender(_NullConn())
     spent = {"core": 0.0, "processor": 0.0}
 
     def timed(name, fn):
@@ -65,7 +56,7 @@ def main() -> None:
         while engine.has_unfinished_requests():
             out = engine.step_core()
             t = time.thread_time()
-            sender.outputs(out)
+            pickle.dumps(("outputs", out), protocol=pickle.HIGHEST_PROTOCOL)  # ClientLink.send's work
             to_pipe += time.thread_time() - t
             records, stops = engine.processor.process(out)
             assert not stops
@@ -73,7 +64,6 @@ def main() -> None:
         print(f"{args.kind} x {args.requests}: core {1e3 * spent['core'] / n:.3f} ms/step, "
               f"to the pipe {1e3 * to_pipe / n:.3f} ms/step, processor {1e3 * spent['processor'] / n:.3f} ms/step "
               f"({n} steps)")
-    sender.close()
 
 
 if __name__ == "__main__":

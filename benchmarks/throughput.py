@@ -94,7 +94,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
     llm = LLM(preset, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
               num_scheduler_steps=args.num_scheduler_steps, sequence_parallel_min_tokens=args.sequence_parallel_min_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization,
+              gpu_memory_utilization=args.gpu_memory_utilization, prefill_attention_body=args.prefill_attention_body,
               compile_threads=args.compile_threads, progress=args.progress)
     startup = time.perf_counter() - t0
     engine = llm.engine
@@ -127,6 +127,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
         "max_num_batched_tokens": engine.config.max_num_batched_tokens, "num_scheduler_steps": args.num_scheduler_steps,
         "sequence_parallel_min_tokens": args.sequence_parallel_min_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization, "compile_threads": args.compile_threads,
+        "prefill_attention_body": args.prefill_attention_body,
     }
     first = None
     execute, execute_multi = engine._execute, engine.runner.execute_multi
@@ -147,7 +148,7 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
 
         engine._execute, engine.runner.execute_multi = recording, recording_multi
         params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in out_lens]
-        engine.timing.update({k: 0 for k in engine.timing})
+        engine.timing.reset()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
@@ -156,25 +157,25 @@ def run_engine(preset: str, runs: list[tuple[str, str]], vocab: int, args, recor
         device_s = sum(sec for _, sec in by_class.values())
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         n_in = sum(map(len, prompts))
-        tm = engine.timing
+        tm = engine.step_timing()
         row = {
             **common, "engine": f"jaxengine-{scheduling}", "workload": kind, "requests": len(prompts), "seconds": wall,
             "requests_per_s": len(prompts) / wall, "output_tokens_per_s": n_out / wall,
-            "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm["steps"], "multi_step_runs": tm["multi_step_runs"],
-            "ms_per_step": 1e3 * wall / max(tm["steps"], 1),
+            "total_tokens_per_s": (n_in + n_out) / wall, "steps": tm.steps, "multi_step_runs": tm.multi_step_runs,
+            "ms_per_step": 1e3 * wall / max(tm.steps, 1),
             # Host time outside engine.step(): adding the requests before the first step and
             # assembling outputs after the last (part of the idle fraction on short runs).
-            "seconds_outside_steps": wall - tm["loop_seconds"],
+            "seconds_outside_steps": wall - tm.loop_seconds,
             "device_seconds_replayed": device_s,
             "device_ms_per_step_by_class": {k: {"steps": n, "ms_per_step": 1e3 * sec / max(n, 1)}
                                             for k, (n, sec) in by_class.items()},
             "device_idle_fraction": max(0.0, 1 - device_s / wall),
             # The same, over the time spent inside engine.step() only: idle between steps.
-            "device_idle_fraction_between_steps": max(0.0, 1 - device_s / max(tm["loop_seconds"], 1e-9)),
+            "device_idle_fraction_between_steps": max(0.0, 1 - device_s / max(tm.loop_seconds, 1e-9)),
             # The host's critical path between collecting a step and dispatching the next, and
             # the steps whose result was ready before the host asked for it.
-            "host_critical_fraction": tm["critical_seconds"] / max(tm["loop_seconds"], 1e-9),
-            "host_bound_fraction": tm["host_bound_steps"] / max(tm["steps"], 1),
+            "host_critical_fraction": tm.critical_seconds / max(tm.loop_seconds, 1e-9),
+            "host_bound_fraction": tm.host_bound_steps / max(tm.steps, 1),
             "prefix_cache_hit_tokens": sum(o.num_cached_tokens for o in outs),
             "all_lengths_exact": all(len(o.outputs[0].token_ids) == k for o, k in zip(outs, out_lens)),
         }
@@ -268,6 +269,8 @@ def main() -> None:
     ap.add_argument("--sequence-parallel-min-tokens", type=int, default=None,
                     help="tensor parallel: steps of at least this many tokens split the residual stream by token (engine arg)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--prefill-attention-body", choices=["auto", "mosaic", "triton"], default="auto",
+                    help="engine arg: the attention kernel's body for prefill chunks (A/B: triton vs auto)")
     ap.add_argument("--compile-threads", type=int, default=None, help="default: the engine's (min(4, CPUs))")
     ap.add_argument("--progress", action="store_true", help="the engine's start-up progress bars (stderr)")
     ap.add_argument("--hf", action="store_true")

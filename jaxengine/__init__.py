@@ -5,17 +5,17 @@ prefix caching, chunked prefill).
     outs = jaxengine.generate(["def fibonacci(n):"], jaxengine.SamplingParams(max_tokens=64))
 """
 
-from jaxengine.engine.async_engine import AsyncEngine
 from jaxengine.config import EngineConfig
+from jaxengine.engine.async_engine import AsyncEngine
 from jaxengine.engine.data_parallel import DataParallelEngine, make_engine
-from jaxengine.engine.llm_engine import Engine
 from jaxengine.engine.engine_process import EngineProcess
+from jaxengine.engine.llm_engine import Engine
+from jaxengine.engine.step_timing import StepTiming
 from jaxengine.entrypoints.llm import LLM, generate
 from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
 __all__ = [
     "AsyncEngine", "CompletionOutput", "DataParallelEngine", "Engine", "EngineConfig", "EngineProcess", "LLM", "Logprob",
-    "OutputKind",
-    "RequestMetrics", "RequestOutput", "SamplingParams", "generate", "make_engine",
+    "OutputKind", "RequestMetrics", "RequestOutput", "SamplingParams", "StepTiming", "generate", "make_engine",
 ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
+_PREFILL_ATTENTION_BODIES = ("auto", "mosaic", "triton")  # pallas_kernels' PREFILL_BODIES
 
 
 def default_model_dir() -> Path:
@@ -17,7 +19,7 @@ def default_model_dir() -> Path:
 def batch_defaults(platform: str, device_kind: str, memory_bytes: int | None) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) when the user sets neither. On GPUs, vLLM's rule:
     1024 sequences on one of >= 70 GiB that is not an A100 (H100, H200: the larger decode
-    batch is what lets 8B TP 2 reach 1.6x TP 1, benchmarks/RESULTS.md session 13), else 256.
+    batch is what lets 8B TP 2 reach 1.6x TP 1 on an H200 pair), else 256.
     8192 batched tokens, vLLM's server value (its offline LLM takes 16384, which measured within
     1% on an H200 pair and doubles the longest step a stream waits behind). On CPU 16 / 256:
     every compiled bucket costs seconds at start-up and large batches buy nothing."""
@@ -44,6 +46,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int = 0
+    # Most samples one request may ask for (SamplingParams.n), vLLM's name and default: one
+    # request's n samples run as n sequences, so an unbounded n could take every seat.
+    max_n: int = 128
     # Several devices (models.sharding): tensor_parallel_size devices per model replica, and
     # data_parallel_size independent replicas (own scheduler and KV pool each) on disjoint
     # device groups, requests spread round-robin (jaxengine.engine.data_parallel).
@@ -68,20 +73,24 @@ class EngineConfig:
     # parallelism): norms and residual adds run on T / tp rows, each all-reduce becomes a
     # reduce-scatter + all-gather, and XLA may overlap those with the neighbouring matmuls
     # (its windowed einsum, switched on for these programs). On an H200 pair the all-reduces
-    # were 14.5 ms of a 100 ms 8B prefill step at TP 2 (benchmarks/RESULTS.md, session 12).
-    # None: off. On that H200 pair it made the prefill steps slower (116 -> 135 ms, session 13).
+    # were 14.5 ms of a 100 ms 8B prefill step at TP 2. None: off, because on that H200 pair
+    # it made the prefill steps slower (116 -> 135 ms).
     sequence_parallel_min_tokens: int | None = None
     # Streams (AsyncEngine, EngineProcess, the gRPC service): a request's next message waits
     # for this many new tokens (its first tokens and its end go at once), as vLLM's
     # stream_interval. 1 sends every step; larger values trade smoothness for fewer messages,
-    # which is what limits a busy server (benchmarks/RESULTS.md, Serving).
+    # which is what limits a busy server.
     stream_interval: int = 1
     # Start-up compiles every bucket's program (ModelRunner.warmup); this many compile at once
     # (XLA's compile releases the GIL). None: min(4, CPU count). On H200s 4 threads took the
     # 8B TP 2 start-up from 213 s to 144 s with 15 more programs; 8 threads ran out of device
-    # memory outside JAX's allocator while autotuning (benchmarks/RESULTS.md, session 10).
+    # memory outside JAX's allocator while autotuning.
     compile_threads: int | None = None
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
+    # The Pallas kernel's body for prefill chunks (pallas_kernels.ragged_paged_attention's
+    # prefill_body): "mosaic" (Mosaic GPU, Hopper only), "triton" (every token on the Triton
+    # body), "auto" (Mosaic GPU where the device and shapes allow it, else Triton).
+    prefill_attention_body: str = "auto"
     # XLA's persistent compilation cache: the second start-up skips compilation. "" disables.
     # JAX's own JAX_COMPILATION_CACHE_DIR, when set, is the default.
     compilation_cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -92,6 +101,9 @@ class EngineConfig:
             self.model = str(default_model_dir())
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.prefill_attention_body not in _PREFILL_ATTENTION_BODIES:
+            raise ValueError(f"prefill_attention_body must be one of {', '.join(_PREFILL_ATTENTION_BODIES)}, "
+                             f"got {self.prefill_attention_body!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -101,6 +113,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(self.max_n, int) or isinstance(self.max_n, bool) or self.max_n < 1:
+            raise ValueError(f"max_n must be an integer >= 1, got {self.max_n!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.compile_threads is None:
@@ -125,7 +139,7 @@ class EngineConfig:
         self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
 
     @classmethod
-    def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import NamedTuple
 
 
 class OutputKind(enum.Enum):
@@ -45,13 +46,35 @@ class RequestMetrics:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
-# A RequestOutput as plain lists and tuples, what `Engine.step_records` hands out: ~3x cheaper
-# to build and to pickle than the dataclasses, on every request of every streaming step.
-#   [request_id, prompt, prompt_token_ids, finished, num_cached_tokens,
-#    (arrival_time, first_scheduled_time, first_token_time, finished_time),
-#    [(index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason), ...],
-#    prompt_logprobs]
-OutputRecord = list
+class CompletionRecord(NamedTuple):
+    """A CompletionOutput as an OutputRecord carries it (the same fields)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class OutputRecord(NamedTuple):
+    """A RequestOutput as `Engine.step_records` hands it out, built for every request of
+    every streaming step; only the consumer that reads it builds the RequestOutput (a stream
+    that fell behind combines several records first, jaxengine.engine.async_engine). The
+    four times are RequestMetrics' fields."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    finished: bool
+    num_cached_tokens: int
+    completions: list[CompletionRecord]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
 
 
 @dataclasses.dataclass
@@ -67,6 +90,15 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @classmethod
-    def from_record(cls, rec: OutputRecord) -> "RequestOutput":
-        return cls(rec[0], rec[1], rec[2], [CompletionOutput(*c) for c in rec[6]], rec[3], RequestMetrics(*rec[5]),
-                   rec[4], prompt_logprobs=rec[7])
+    def from_record(cls, rec: OutputRecord) -> RequestOutput:
+        return cls(
+            request_id=rec.request_id, prompt=rec.prompt, prompt_token_ids=rec.prompt_token_ids,
+            outputs=[CompletionOutput(index=c.index, text=c.text, token_ids=c.token_ids,
+                                      cumulative_logprob=c.cumulative_logprob, logprobs=c.logprobs,
+                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                     for c in rec.completions],
+            finished=rec.finished,
+            metrics=RequestMetrics(arrival_time=rec.arrival_time, first_scheduled_time=rec.first_scheduled_time,
+                                   first_token_time=rec.first_token_time, finished_time=rec.finished_time),
+            num_cached_tokens=rec.num_cached_tokens, prompt_logprobs=rec.prompt_logprobs,
+        )

@@ -21,6 +21,17 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 }
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# config.json fields without which the network's shape is unknown (the rest have defaults).
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+class ModelConfigError(ValueError):
+    """A config.json (or generation_config.json) that does not describe a model we can run;
+    the message names the file and what is wrong with it."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a checkpoint directory nor a preset."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +87,24 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
+        """The config.json of a checkpoint directory (plus generation_config.json's EOS ids).
+        ModelNotFoundError when there is no such directory, FileNotFoundError when it has no
+        config.json, ModelConfigError (naming the file) when the file is unusable."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelNotFoundError(f"model directory {str(model_dir)!r} does not exist")
+        path = model_dir / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}: expected a Hugging Face checkpoint directory")
-        cfg = cls.from_hf_dict(json.loads(path.read_text()))
+        hf = _read_json(path)
+        try:
+            cfg = cls.from_hf_dict(hf)
+        except (ValueError, TypeError, ZeroDivisionError) as e:  # a field of the wrong type or value
+            raise ModelConfigError(f"{path}: {e}") from None
         # generation_config.json may list more EOS ids (Llama 3 instruct: three); all end generation.
-        gen = Path(model_dir) / "generation_config.json"
+        gen = model_dir / "generation_config.json"
         if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
+            eos = _read_json(gen).get("eos_token_id")
             extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
             merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
             cfg = dataclasses.replace(cfg, eos_token_ids=merged)
@@ -95,9 +116,12 @@ class ModelConfig:
         arch = next((a for a in archs if a in _FAMILIES), None)
         if arch is None:
             raise ValueError(
-                f"unsupported architecture {archs or '(none given)'} in config.json; "
+                f"unsupported architecture {archs or '(none given)'} in architectures; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        missing = [k for k in REQUIRED_FIELDS if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"missing required field(s) {', '.join(missing)}")
         family = _FAMILIES[arch]
         act = hf.get("hidden_act", "silu")
         if act != "silu":
@@ -132,6 +156,18 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
         )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelConfigError(f"{path} is not a JSON text file ({e}); the checkpoint is corrupt") from None
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(value, dict):
+        raise ModelConfigError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:

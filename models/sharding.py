@@ -240,21 +240,12 @@ def sequence_split(mesh: Mesh, rules: dict[str, MeshAxes] = RULES) -> Callable[[
 # ----------------------------------------------------------------------------- per-shard kernels
 
 
-def _shard_map() -> Callable:
-    # jax >= 0.7 (0.10, 0.11): jax.shard_map; older: jax.experimental.shard_map.shard_map.
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map
-    from jax.experimental.shard_map import shard_map  # pragma: no cover
-
-    return shard_map
-
-
 def shard_heads(fn: Callable, mesh: Mesh, rules: dict[str, MeshAxes] = RULES) -> Callable:
     """Run `fn(q, k, v, kv_cache, meta) -> (out, kv_cache)` per `tp` shard: q/out split on
     heads, the new k/v and the cache on KV heads, the metadata replicated. The body sees
     Hq/tp and Hkv/tp heads and needs no collective (heads are independent)."""
     q, kv_new, cache = (logical_to_physical(a, rules) for a in (Q_AXES, KV_NEW_AXES, KV_CACHE_AXES))
-    return _shard_map()(
+    return jax.shard_map(
         fn, mesh=mesh, in_specs=(q, kv_new, kv_new, cache, P()), out_specs=(q, cache),
         # Pallas calls do not carry varying-manual-axes types; the specs above say it all.
         check_vma=False,

@@ -17,13 +17,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
 
 from jaxengine.config import EngineConfig
 from jaxengine.engine.data_parallel import DataParallelEngine, make_engine
+from jaxengine.engine.input_processor import Prompt
 from jaxengine.engine.llm_engine import Engine
-from jaxengine.outputs import OutputKind, OutputRecord, RequestOutput
+from jaxengine.outputs import CompletionRecord, OutputKind, OutputRecord, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,15 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class StreamItem(NamedTuple):
+    """What a StreamingEngine hands one request's stream (`_send_all`)."""
+
+    request_id: str
+    item: OutputRecord | BaseException  # an error ends the stream
+    num_tokens: int  # new tokens in it (for stream_interval)
+    last: bool  # the request's last item
 
 
 class _Stream:
@@ -59,7 +69,7 @@ class _Stream:
         return bool(self.items) and (self.interval == 1 or self.closed or not self.started
                                      or self.new_tokens >= self.interval)
 
-    def put(self, item: Any, num_tokens: int, last: bool) -> None:
+    def put(self, item: OutputRecord | BaseException, num_tokens: int, last: bool) -> None:
         self.items.append(item)
         self.new_tokens += num_tokens
         self.closed = self.closed or last
@@ -85,24 +95,21 @@ def combine_records(stream: _Stream, run: list[OutputRecord]) -> RequestOutput:
     (DELTA records merged before anything is built; otherwise the newest)."""
     last = run[-1]
     if stream.kind is OutputKind.DELTA and len(run) > 1:
-        merged: dict[int, list] = {}
+        merged: dict[int, CompletionRecord] = {}
         for rec in run:
-            for c in rec[6]:
-                m = merged.get(c[0])
-                if m is None:
-                    merged[c[0]] = list(c)
-                    continue
-                m[1] += c[1]
-                m[2] = m[2] + c[2]
-                if c[4] is not None:
-                    m[4] = (m[4] or []) + c[4]
-                m[3], m[5], m[6] = c[3], c[5], c[6]
-        prompt_logprobs = next((r[7] for r in reversed(run) if r[7] is not None), None)
-        last = last[:6] + [list(merged.values()), prompt_logprobs]
+            for c in rec.completions:
+                m = merged.get(c.index)
+                # The newest cumulative_logprob, finish_reason and stop_reason; text, tokens and
+                # logprobs concatenated.
+                merged[c.index] = c if m is None else c._replace(
+                    text=m.text + c.text, token_ids=m.token_ids + c.token_ids,
+                    logprobs=m.logprobs if c.logprobs is None else (m.logprobs or []) + c.logprobs)
+        prompt_logprobs = next((r.prompt_logprobs for r in reversed(run) if r.prompt_logprobs is not None), None)
+        last = last._replace(completions=list(merged.values()), prompt_logprobs=prompt_logprobs)
     return RequestOutput.from_record(last)
 
 
-def _deliver(batch: list[tuple[_Stream, Any, int, bool]]) -> None:
+def _deliver(batch: list[tuple[_Stream, OutputRecord | BaseException, int, bool]]) -> None:
     for stream, item, num_tokens, last in batch:
         stream.put(item, num_tokens, last)
 
@@ -122,7 +129,7 @@ class StreamingEngine:
 
     async def generate(
         self,
-        prompt: str | list[int],
+        prompt: Prompt,
         params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
@@ -171,42 +178,76 @@ class StreamingEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
-    def _submit(self, prompt, params, rid: str, kind: OutputKind, priority: int) -> concurrent.futures.Future:
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, rid: str, kind: OutputKind,
+                priority: int) -> concurrent.futures.Future:
         """Have the engine add the request; a Future of its id (or the ValueError)."""
         raise NotImplementedError
 
     def abort(self, request_id: str) -> None:
         raise NotImplementedError
 
-    def call(self, fn, *args) -> concurrent.futures.Future:
+    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """Run `fn(engine, *args)` where the engine runs (stats, tokenizer, ...); a Future."""
         raise NotImplementedError
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         raise NotImplementedError
 
-    def _send_records(self, records: list[OutputRecord]) -> None:
-        """A step's OutputRecords to their streams."""
-        self._send_all([(r[0], r, sum(len(c[2]) for c in r[6]), r[3]) for r in records])
+    @property
+    def is_dead(self) -> bool:
+        """The engine has stopped for good (shut down, or its thread or process died): no
+        request can run any more. Set before the streams in flight get their EngineDeadError.
+        False here: an engine that cannot die (a test double) need not say so."""
+        return False
 
-    def _send_all(self, items: list[tuple[str, Any, int, bool]]) -> None:
-        """Hand a step's outputs over, as (request id, item, its new tokens, last for this
-        request): one wake-up per caller event loop, not per request (each
-        call_soon_threadsafe costs the sending thread a lock and a self-pipe write)."""
+    def _send_records(self, records: list[OutputRecord]) -> None:
+        """A step's OutputRecords to their streams (`_send_all`'s routing, inlined: this runs
+        for every request of every step)."""
+        streams = self._streams
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for rid, item, num_tokens, last in items:
-            entry = self._streams.get(rid)
+        for r in records:
+            entry = streams.get(r.request_id)
             if entry is None:
                 continue
             loop, stream = entry
+            last = r.finished
             if last:
-                del self._streams[rid]
-            by_loop.setdefault(loop, []).append((stream, item, num_tokens, last))
+                del streams[r.request_id]
+            num_tokens = sum(len(c.token_ids) for c in r.completions)
+            by_loop.setdefault(loop, []).append((stream, r, num_tokens, last))
+        self._wake(by_loop)
+
+    def _send_all(self, items: list[StreamItem]) -> None:
+        """Hand items to their streams: one wake-up per caller event loop, not per request
+        (each call_soon_threadsafe costs the sending thread a lock and a self-pipe write)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for it in items:
+            entry = self._streams.get(it.request_id)
+            if entry is None:
+                continue
+            loop, stream = entry
+            if it.last:
+                del self._streams[it.request_id]
+            by_loop.setdefault(loop, []).append((stream, it.item, it.num_tokens, it.last))
+        self._wake(by_loop)
+
+    @staticmethod
+    def _wake(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
                 pass
+
+
+class _Add(NamedTuple):
+    """An "add" command for the engine thread."""
+
+    prompt: Prompt
+    params: SamplingParams | None
+    request_id: str
+    kind: OutputKind
+    priority: int
 
 
 class AsyncEngine(StreamingEngine):
@@ -219,6 +260,7 @@ class AsyncEngine(StreamingEngine):
         self.engine = make_engine(engine) if isinstance(engine, EngineConfig) else engine
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
+        self._ended = False  # the engine thread has stopped stepping (set before it fails the streams)
         self._thread = threading.Thread(target=self._loop, name="jaxengine-engine", daemon=True)
         self._thread.start()
 
@@ -226,37 +268,41 @@ class AsyncEngine(StreamingEngine):
     def from_kwargs(cls, model: str | None = None, **engine_args: Any) -> "AsyncEngine":
         return cls(EngineConfig.from_kwargs(model, **engine_args))
 
-    def _submit(self, prompt, params, rid, kind, priority) -> concurrent.futures.Future:
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, rid: str, kind: OutputKind,
+                priority: int) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("add", fut, (prompt, params, rid, kind, priority)))
+        self._inbox.put(("add", fut, _Add(prompt, params, rid, kind, priority)))
         return fut
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", None, request_id))
 
-    def call(self, fn, *args) -> concurrent.futures.Future:
+    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("call", fut, (fn, args)))
         return fut
+
+    @property
+    def is_dead(self) -> bool:
+        return self._ended or not self._thread.is_alive()
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stopped.set()
         self._inbox.put(("wake", None, None))
         self._thread.join(timeout)
-        close = getattr(self.engine, "close", None)  # multi-host: release the followers
-        if close is not None and not self._thread.is_alive():
-            close()
+        if not self._thread.is_alive():
+            self.engine.close()  # multi-host: releases the followers
 
     # ------------------------------------------------------------------ engine thread
 
-    def _handle(self, cmd: str, fut, arg) -> None:
+    def _handle(self, cmd: str, fut: concurrent.futures.Future | None, arg: Any) -> None:
         engine = self.engine
         if cmd == "add":
-            prompt, params, rid, kind, prio = arg
             if not fut.set_running_or_notify_cancel():  # the caller gave up already
                 return
             try:
-                rid = engine.add_request(prompt, params, request_id=rid, output_kind=kind, priority=prio)
+                rid = engine.add_request(arg.prompt, arg.params, request_id=arg.request_id, output_kind=arg.kind,
+                                         priority=arg.priority)
             except Exception as e:  # bad input: the caller gets it, the engine goes on
                 fut.set_exception(e)
                 return
@@ -274,9 +320,21 @@ class AsyncEngine(StreamingEngine):
                 fut.set_exception(e)
 
     def _send(self, rid: str, error: BaseException) -> None:
-        self._send_all([(rid, error, 0, True)])
+        self._send_all([StreamItem(rid, error, 0, True)])
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException:
+            log.exception("the engine thread died")
+            raise
+        finally:  # shut down, or died of an error: no stream may be left waiting for ever
+            self._ended = True
+            reason = "engine shut down" if self._stopped.is_set() else "the engine thread died"
+            for rid in list(self._streams):
+                self._send(rid, EngineDeadError(reason))
+
+    def _steps(self) -> None:
         engine = self.engine
         while not self._stopped.is_set():
             block = not engine.has_unfinished_requests()
@@ -300,5 +358,3 @@ class AsyncEngine(StreamingEngine):
                     self._send(rid, EngineDeadError(f"engine step failed: {e!r}"))
                 continue
             self._send_records(records)
-        for rid in list(self._streams):
-            self._send(rid, EngineDeadError("engine shut down"))

@@ -3,10 +3,11 @@
 The [dp, tp] mesh (models.sharding.make_mesh) is cut into its dp rows; each row runs a full
 `Engine` (its own copy of the weights split over that row's tp devices, its own scheduler,
 KV pool and prefix cache). `DataParallelEngine` has the Engine interface the front ends use
-(`add_request`, `abort_request`, `step`, `has_unfinished_requests`, `stats`, `tokenizer`,
-and the EngineCore calls an engine process makes: `add_core_request`, `stop_requests`,
-`step_core`), hands each new request to the next replica round-robin, and steps every busy replica in
-turn. A replica's step only dispatches its device work and collects the previous step's
+(`add_request`, `abort_request`, `step`, `has_unfinished_requests`, `stats`, `step_timing`,
+`tokenizer`, and the EngineCore calls an engine process makes: `add_core_request`,
+`stop_requests`, `step_core`), hands each new request to the next replica round-robin, and
+steps every busy replica in turn. Each replica knows its own requests: a command about a
+request goes to every replica, and those that do not have it ignore it. A replica's step only dispatches its device work and collects the previous step's
 tokens, so while the host serves one replica the others' devices run: the replicas overlap
 without threads. Requests never move between replicas (no cross-replica prefix sharing).
 
@@ -22,11 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxengine.config import EngineConfig
+from jaxengine.engine.core_outputs import CoreOutputs
+from jaxengine.engine.input_processor import Prompt
 from jaxengine.engine.llm_engine import Engine
-from jaxengine.engine.core import CoreOutputs
-from jaxengine.worker.kv_capacity import claim_device_memory
+from jaxengine.engine.output_processor import StopMatch
+from jaxengine.engine.step_timing import StepTiming
 from jaxengine.outputs import OutputKind, OutputRecord, RequestOutput
 from jaxengine.sampling_params import SamplingParams
+from jaxengine.worker.kv_capacity import claim_device_memory
 from models.sharding import make_mesh, replica_meshes
 
 
@@ -41,9 +45,10 @@ class DataParallelEngine:
         self.config = config
         self.mesh = mesh
         self.replicas = [Engine(config, progress=progress, mesh=m) for m in replica_meshes(mesh)]
-        self._owner: dict[str, int] = {}  # request id -> replica
-        self._next = itertools.cycle(range(len(self.replicas)))
+        self._next = itertools.cycle(self.replicas)
         self._ids = itertools.count()
+        # Live, for the loop that drives this engine (engine_process); see step_timing().
+        self.timing = StepTiming()
 
     # What every replica shares: the first one's.
     tokenizer = _first_replica("tokenizer")
@@ -63,7 +68,7 @@ class DataParallelEngine:
         return self.replicas[0].chat_token_ids(messages)
 
     def add_request(
-        self, prompt: str | list[int] | None, params: SamplingParams | None = None, *,
+        self, prompt: Prompt, params: SamplingParams | None = None, *,
         request_id: str | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE, **kwargs: Any,
     ) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -77,16 +82,13 @@ class DataParallelEngine:
             prompt_token_ids, params, request_id=request_id, **kwargs))
 
     def _on_next_replica(self, request_id: str, add: Callable[[Engine], Any]) -> Any:
-        """Add a request to the next replica (round-robin) and remember which one has it."""
-        if request_id in self._owner:
+        """Add a request to the next replica (round-robin)."""
+        if any(request_id in engine.requests for engine in self.replicas):
             raise ValueError(f"request id {request_id!r} is already in use")
-        i = next(self._next)
-        result = add(self.replicas[i])
-        self._owner[request_id] = i
-        return result
+        return add(next(self._next))
 
-    def stop_requests(self, stops: list[tuple[str, str]]) -> None:
-        for engine in self.replicas:  # a sample id another replica does not know is ignored there
+    def stop_requests(self, stops: list[StopMatch]) -> None:
+        for engine in self.replicas:
             engine.stop_requests(stops)
 
     def step_core(self) -> CoreOutputs:
@@ -94,14 +96,11 @@ class DataParallelEngine:
         for engine in self.replicas:
             if engine.has_unfinished_requests():
                 out.extend(engine.step_core())
-        for rid in out.done:
-            self._owner.pop(rid, None)
         return out
 
     def abort_request(self, request_ids: str | list[str]) -> None:
-        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            if rid in self._owner:
-                self.replicas[self._owner[rid]].abort_request(rid)
+        for engine in self.replicas:
+            engine.abort_request(request_ids)
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.replicas)
@@ -114,9 +113,6 @@ class DataParallelEngine:
         for engine in self.replicas:
             if engine.has_unfinished_requests():
                 records += engine.step_records()
-        for rec in records:
-            if rec[3]:  # finished
-                self._owner.pop(rec[0], None)
         return records
 
     def stats(self) -> dict[str, float]:
@@ -124,6 +120,17 @@ class DataParallelEngine:
         total = {k: sum(s[k] for s in per) for k in per[0]}
         total["kv_cache_usage"] = total["kv_cache_usage"] / len(per)  # mean over replicas
         return total
+
+    def step_timing(self) -> StepTiming:
+        """The replicas' step loops summed, with the loop around them (`timing`)."""
+        return StepTiming.total([self.timing, *(e.timing for e in self.replicas)])
+
+    def reset_prefix_cache(self) -> bool:
+        return all([e.reset_prefix_cache() for e in self.replicas])
+
+    def close(self) -> None:
+        for engine in self.replicas:
+            engine.close()
 
 
 def make_engine(config: EngineConfig, *, progress: bool = True) -> Engine | DataParallelEngine:

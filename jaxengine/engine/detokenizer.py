@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -61,7 +62,7 @@ _CLEANUP_UNSAFE_ENDINGS = (" n'", " 'v", " 'r", " '", " n", " ")
 _skipped_ids_cache: "weakref.WeakKeyDictionary[object, frozenset[int]]" = weakref.WeakKeyDictionary()
 
 
-def _skipped_special_ids(tokenizer) -> frozenset[int]:
+def _skipped_special_ids(tokenizer: Any) -> frozenset[int]:
     """Ids that `decode(..., skip_special_tokens=True)` drops (checked, not assumed)."""
     try:
         return _skipped_ids_cache[tokenizer]
@@ -82,7 +83,7 @@ def _skipped_special_ids(tokenizer) -> frozenset[int]:
     return skipped
 
 
-def tokenizer_cleans_up_spaces(tokenizer) -> bool:
+def tokenizer_cleans_up_spaces(tokenizer: Any) -> bool:
     """Whether `tokenizer.decode(ids)` applies `clean_up_tokenization` (mirrors transformers)."""
     if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return False
@@ -127,7 +128,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer,
+        tokenizer: Any,  # a transformers tokenizer
         prompt_token_ids: Sequence[int] = (),
         *,
         skip_special_tokens: bool = True,

@@ -19,6 +19,7 @@ import jax
 
 from jaxengine.config import EngineConfig
 from jaxengine.engine.core import EngineCore, kv_storage_dtype
+from jaxengine.engine.input_processor import Prompt
 from jaxengine.engine.output_processor import OutputProcessor
 from jaxengine.outputs import OutputKind, OutputRecord, RequestOutput
 from jaxengine.sampling_params import SamplingParams
@@ -38,7 +39,7 @@ class Engine(EngineCore):
 
     def add_request(
         self,
-        prompt: str | list[int] | None,
+        prompt: Prompt,
         params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
@@ -47,13 +48,12 @@ class Engine(EngineCore):
         arrival_time: float | None = None,
     ) -> str:
         """Queue a request (text or token ids); returns its id. Raises ValueError for input
-        that can never run (empty, too long, bad token ids, bad sampling parameters)."""
+        that can never run (empty, text that is not valid Unicode, too long, bad token ids,
+        bad sampling parameters, n above max_n), TypeError for a prompt that is neither text
+        nor token ids (bytes, say)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenize(prompt)
-        else:
-            text, ids = None, list(prompt or [])
+        text, ids = self.input_processor.prompt_token_ids(prompt)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.add_core_request(ids, params, request_id=request_id, priority=priority, arrival_time=arrival_time)
         self.processor.add(request_id, text, ids, params, output_kind, arrival_time)
@@ -64,7 +64,7 @@ class Engine(EngineCore):
         return [RequestOutput.from_record(r) for r in self.step_records()]
 
     def step_records(self) -> list[OutputRecord]:
-        """`step`, with its outputs as OutputRecords (lists; see jaxengine.outputs)."""
+        """`step`, with its outputs as OutputRecords (see jaxengine.outputs)."""
         records, stops = self.processor.process(self.step_core())
         if stops:
             self.stop_requests(stops)

@@ -5,9 +5,26 @@ Everything is local: `load_tokenizer` never touches the network.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+
+class _NoTorchBanner(logging.Filter):
+    """Drops the "PyTorch was not found" line `import transformers` logs when torch is absent:
+    we use transformers for tokenizers only, which need no torch. A filter on transformers'
+    own root logger (the banner is logged there), so its other warnings and everyone else's
+    logging stay as they are. Installed on import of this module, before anything here or
+    an unpickled tokenizer imports transformers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found")
+
+
+_transformers_log = logging.getLogger("transformers")
+if not any(isinstance(f, _NoTorchBanner) for f in _transformers_log.filters):
+    _transformers_log.addFilter(_NoTorchBanner())
 
 # Files any of which means "there is a tokenizer in this directory".
 TOKENIZER_FILES = (
@@ -40,7 +57,8 @@ def load_tokenizer(model_dir: str | os.PathLike, **kwargs):
     if not present:
         raise FileNotFoundError(
             f"no tokenizer files in {str(path)!r}: expected one of {', '.join(TOKENIZER_FILES)} "
-            f"(save one with tokenizer.save_pretrained({str(path)!r}), or pass tokenizer=<dir>)"
+            f"(save one with tokenizer.save_pretrained({str(path)!r}), or pass tokenizer=<dir>: "
+            "--tokenizer DIR on the command line)"
         )
     kwargs.setdefault("local_files_only", True)
     kwargs.setdefault("trust_remote_code", False)
@@ -124,9 +142,10 @@ def apply_chat_template(
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(
-            f"tokenizer {name!r} has no chat template, so chat messages cannot be formatted. "
-            "Pass chat_template=<jinja template string> (or set tokenizer.chat_template / add "
-            "'chat_template' to tokenizer_config.json), or use plain-text prompts with generate()."
+            f"tokenizer {name!r} has no chat template, so chat messages cannot be formatted: "
+            "start the server with `jaxengine serve --chat-template FILE` (a Jinja template file, or the "
+            "template itself), pass chat_template=<template> in Python, or add 'chat_template' to the "
+            "model's tokenizer_config.json; or send plain-text prompts"
         )
     out = tokenizer.apply_chat_template(
         msgs,
@@ -140,3 +159,21 @@ def apply_chat_template(
     if out and isinstance(out[0], (list, tuple)):
         out = out[0]
     return [int(t) for t in out]
+
+
+def load_chat_template(value: str | os.PathLike) -> str:
+    """A chat template given as a file or as the template itself (vLLM's --chat-template):
+    an existing file is read; text with Jinja's markers is the template; anything else reads
+    as a file path that does not exist, and raises FileNotFoundError saying so."""
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except (OSError, ValueError):  # a template too long or odd to be a path
+        pass
+    text = str(value)
+    if "{{" in text or "{%" in text:
+        return text
+    raise FileNotFoundError(
+        f"chat template file {text!r} does not exist (pass a Jinja template file, or the template text itself)"
+    )

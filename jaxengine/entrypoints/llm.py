@@ -10,20 +10,22 @@ from typing import Any
 from tqdm import tqdm
 
 from jaxengine.config import EngineConfig
-from jaxengine.engine.data_parallel import make_engine
+from jaxengine.engine.data_parallel import DataParallelEngine, make_engine
+from jaxengine.engine.input_processor import Prompt
+from jaxengine.engine.llm_engine import Engine
 from jaxengine.outputs import OutputKind, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
-Prompt = str | list[int]
 
-
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+    """The prompts as a list, and whether the caller passed several (a list of prompts)
+    rather than one (text, or one list of token ids)."""
+    if isinstance(prompts, (str, bytes, bytearray, memoryview)):
+        return [prompts], False  # bytes: refused by the input processor, not read as token ids
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):  # one prompt of token ids
-        return [prompts]
-    return prompts
+        return [prompts], False
+    return prompts, True
 
 
 class LLM:
@@ -31,11 +33,12 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, progress: bool = True, **engine_args: Any):
         # data_parallel_size > 1: a DataParallelEngine (same interface, one Engine per replica).
-        self.engine = make_engine(EngineConfig.from_kwargs(model, **engine_args), progress=progress)
+        self.engine: Engine | DataParallelEngine = make_engine(EngineConfig.from_kwargs(model, **engine_args),
+                                                               progress=progress)
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
     def generate(
@@ -45,12 +48,14 @@ class LLM:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in prompt order."""
-        prompts = _as_prompt_list(prompts)
+        """Run every prompt to completion; outputs in prompt order. A prompt that can never
+        run raises ValueError (TypeError for one that is neither text nor token ids), naming
+        its index in a list of prompts; nothing is left queued."""
+        prompts, several = _as_prompt_list(prompts)
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        ids = self._add_all(prompts, params, OutputKind.FINAL_ONLY)
+        ids = self._add_all(prompts, params, OutputKind.FINAL_ONLY, several)
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -81,11 +86,17 @@ class LLM:
                 self.engine.abort_request(rid)
                 self.engine.step()
 
-    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams | None], kind: OutputKind) -> list[str]:
+    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams | None], kind: OutputKind,
+                 name_index: bool) -> list[str]:
         ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p, request_id=f"gen-{next(self._ids)}", output_kind=kind))
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    ids.append(self.engine.add_request(prompt, p, request_id=f"gen-{next(self._ids)}", output_kind=kind))
+                except (TypeError, ValueError) as e:
+                    if not name_index:
+                        raise
+                    raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompts[{i}]: {e}") from None
         except Exception:
             self.engine.abort_request(ids)  # nothing half-submitted stays behind
             self.engine.step()

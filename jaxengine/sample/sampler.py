@@ -1,14 +1,14 @@
 """On-device sampling: one step's logits -> sampled token ids (+ logprobs), inside the jitted step.
 
-`sample(logits, t)` is pure and jittable; `t` is a `SamplingTensors` pytree with one row per
-scheduled sequence (padding rows hold the neutral values of `neutral_sampling_tensors`).
+`sample(logits, t)` is pure and jittable; `t` is a `SamplingTensors` pytree
+(jaxengine.sample.metadata) with one row per scheduled sequence (padding rows neutral).
 Processing order follows vLLM V1:
 
 1. **raw logprobs** -- `log_softmax` of the logits as they come from the model (vLLM V1's
    default `raw_logprobs`): the chosen token's logprob and the top-`num_logprobs`.
 2. **logit bias** -- `logits[r, id] += value` for every `(id, value)` pair of the row
-   (ids `-1` are padding; duplicate ids add up). The runner also puts EOS / stop ids here
-   with `-inf` while a request has fewer than `min_tokens` outputs.
+   (ids `-1` are padding; duplicate ids add up). The host side (metadata.py) also puts EOS /
+   stop ids here with `-inf` while a request has fewer than `min_tokens` outputs.
 3. **penalties** (vLLM semantics) -- repetition over prompt+output tokens: a logit of a token
    that occurs is divided by `p` when > 0 and multiplied by `p` otherwise; then
    `- frequency_penalty * (#occurrences in the output)` and
@@ -30,8 +30,8 @@ Processing order follows vLLM V1:
 Masked tokens become `-inf`; the max kept token is never masked, and a row with every
 logit `-inf` returns token 0 (never NaN, never out of range).
 
-The static switches pick cheaper compiled variants; rows that do not use a feature get
-bit-identical results from the cheap and the full variant:
+The static switches (`SamplerVariant`'s fields) pick cheaper compiled variants; rows that do
+not use a feature get bit-identical results from the cheap and the full variant:
 `use_top_k_top_p=False` skips the vocab sort (every row must have top_k off, top_p 1),
 `use_penalties=False` skips the penalty gather/scatter (every row neutral),
 `all_greedy=True` skips the random-number generation (every row greedy).
@@ -44,28 +44,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-_SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as vLLM)
+from jaxengine.sample.metadata import SAMPLING_EPS, SamplingTensors
+
 _NEG_INF = float("-inf")
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SamplingTensors:
-    """Per-row sampling parameters. One row per scheduled sequence; padding rows get neutral values."""
-
-    temperature: jax.Array  # [S] f32, < 1e-5 => greedy
-    top_k: jax.Array  # [S] i32, <= 0 => off
-    top_p: jax.Array  # [S] f32, >= 1.0 => off
-    min_p: jax.Array  # [S] f32, 0.0 => off
-    repetition_penalty: jax.Array  # [S] f32, 1.0 => off (prompt+output tokens)
-    presence_penalty: jax.Array  # [S] f32 (output tokens)
-    frequency_penalty: jax.Array  # [S] f32 (output tokens, times count)
-    seeds: jax.Array  # [S] u32/i32 (key = PRNGKey(seed)), or [S, 2] u32 (hi, lo) words of a 64-bit seed
-    positions: jax.Array  # [S] i32, index of the token being sampled
-    logit_bias_ids: jax.Array  # [S, B] i32, -1 = padding
-    logit_bias_values: jax.Array  # [S, B] f32
-    penalty_token_ids: jax.Array  # [S, L] i32 prompt+output ids, -1 = padding
-    penalty_is_output: jax.Array  # [S, L] bool, True where the id is a generated token
 
 
 @jax.tree_util.register_dataclass
@@ -77,44 +58,12 @@ class SamplerOutput:
     top_logprobs: jax.Array  # [S, K] f32
 
 
-def seed_to_words(seed: int) -> tuple[int, int]:
-    """Host helper: a Python int seed (any 64-bit value, negative allowed) -> (hi, lo) u32 words.
-
-    Row `[hi, lo]` of a `[S, 2]` `seeds` array gives exactly the key `PRNGKey(seed)` would give
-    with 64-bit ints enabled; seeds in [0, 2**32) give `hi == 0`, identical to a `[S]` array.
-    """
-    s = int(seed) % (1 << 64)
-    return s >> 32, s & 0xFFFFFFFF
-
-
-def neutral_sampling_tensors(
-    S: int, B: int = 1, L: int = 1, *, temperature: float = 1.0, seed_words: bool = False
-) -> SamplingTensors:
-    """Neutral (vLLM default) parameters for S rows: for padding rows, tests and warm-up."""
-    f32 = lambda v: jnp.full((S,), v, jnp.float32)  # noqa: E731
-    return SamplingTensors(
-        temperature=f32(temperature),
-        top_k=jnp.zeros((S,), jnp.int32),
-        top_p=f32(1.0),
-        min_p=f32(0.0),
-        repetition_penalty=f32(1.0),
-        presence_penalty=f32(0.0),
-        frequency_penalty=f32(0.0),
-        seeds=jnp.zeros((S, 2) if seed_words else (S,), jnp.uint32),
-        positions=jnp.zeros((S,), jnp.int32),
-        logit_bias_ids=jnp.full((S, B), -1, jnp.int32),
-        logit_bias_values=jnp.zeros((S, B), jnp.float32),
-        penalty_token_ids=jnp.full((S, L), -1, jnp.int32),
-        penalty_is_output=jnp.zeros((S, L), jnp.bool_),
-    )
-
-
 def _row_index(ids: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None], ids.shape)
 
 
 def apply_logit_bias(logits: jax.Array, t: SamplingTensors) -> jax.Array:
-    """`logits[r, id] += value` for every valid (id >= 0) pair; duplicate ids add up."""
+    """`logits[r, id] += value` for every valid (id >= 0) pair; duplicate ids add up. logits [S, V]."""
     V = logits.shape[-1]
     ids = t.logit_bias_ids.astype(jnp.int32)
     ids = jnp.where((ids >= 0) & (ids < V), ids, V)  # out of range -> dropped
@@ -150,7 +99,8 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
 
 
 def apply_penalties_and_bias(logits: jax.Array, t: SamplingTensors, *, use_penalties: bool = True) -> jax.Array:
-    """Steps 2-3: logit bias (incl. min_tokens suppression), then penalties. The greedy argmax is taken on this."""
+    """Steps 2-3 on logits [S, V]: logit bias (incl. min_tokens suppression), then penalties.
+    The greedy argmax is taken on this."""
     logits = apply_logit_bias(logits, t)
     if use_penalties:
         logits = apply_penalties(logits, t)
@@ -158,14 +108,15 @@ def apply_penalties_and_bias(logits: jax.Array, t: SamplingTensors, *, use_penal
 
 
 def apply_min_p(x: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Drop tokens with prob < min_p * max_prob (log space; min_p 0 keeps everything)."""
+    """Drop tokens with prob < min_p * max_prob (log space; min_p 0 keeps everything). x [S, V], min_p [S]."""
     m = jnp.max(x, axis=-1, keepdims=True)
     thr = m + jnp.log(min_p.astype(x.dtype))[:, None]
     return jnp.where(x < thr, _NEG_INF, x)
 
 
 def apply_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then top-p with one descending sort per row; applied as a value threshold."""
+    """Top-k then top-p with one descending sort per row; applied as a value threshold.
+    x [S, V], top_k [S], top_p [S]."""
     V = x.shape[-1]
     s = jnp.sort(x, axis=-1, descending=True)
     k_on = (top_k > 0) & (top_k < V)
@@ -185,7 +136,7 @@ def apply_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     return jnp.where(x < thr, _NEG_INF, x)
 
 
-def _row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+def _row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:  # seeds [S] or [S, 2], positions [S]
     seeds = seeds.astype(jnp.uint32)
     if seeds.ndim == 1:
         data = jnp.stack([jnp.zeros_like(seeds), seeds], axis=-1)
@@ -196,13 +147,16 @@ def _row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def gumbel_noise(seeds: jax.Array, positions: jax.Array, V: int, dtype=jnp.float32) -> jax.Array:
-    """[S, V] Gumbel noise; row r depends only on (seeds[r], positions[r], V)."""
+    """[S, V] Gumbel noise; row r depends only on (seeds[r], positions[r], V). seeds [S] or
+    [S, 2] (SamplingTensors.seeds), positions [S]."""
     keys = _row_keys(seeds, positions)
     return jax.vmap(lambda k: jax.random.gumbel(k, (V,), dtype))(keys)
 
 
-def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int = 0):
-    """log_softmax(logits) at `token_ids` ([N]) and its top-`num_logprobs` (ids, values).
+def compute_logprobs(
+    logits: jax.Array, token_ids: jax.Array, num_logprobs: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # [N], [N, K] i32, [N, K]
+    """log_softmax(logits) ([N, V]) at `token_ids` ([N]) and its top-`num_logprobs` (ids, values).
 
     Usable for prompt_logprobs too (any [N, V] rows). Never NaN: a row of all -inf gives -inf.
     """
@@ -239,7 +193,7 @@ def sample(
     logits = logits.astype(jnp.float32)
     x = apply_penalties_and_bias(logits, t, use_penalties=use_penalties)
     temp = t.temperature.astype(jnp.float32)
-    greedy = temp < _SAMPLING_EPS
+    greedy = temp < SAMPLING_EPS
     if all_greedy:
         tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
     else:
@@ -255,11 +209,8 @@ def sample(
 
 
 __all__ = [
-    "SamplingTensors",
     "SamplerOutput",
     "sample",
-    "neutral_sampling_tensors",
-    "seed_to_words",
     "apply_logit_bias",
     "apply_penalties",
     "apply_penalties_and_bias",

@@ -1,8 +1,13 @@
-"""KV-cache capacity: bytes per token from a model's shape, and blocks from a memory budget."""
+"""KV-cache capacity: the cache's storage dtype, bytes per token from a model's shape, and
+blocks from a memory budget."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -36,6 +41,18 @@ def dtype_num_bytes(dtype: Any) -> int:
     if name not in _DTYPE_BYTES:
         raise ValueError(f"unknown KV cache dtype {dtype!r}; use one of {sorted(_DTYPE_BYTES)}")
     return _DTYPE_BYTES[name]
+
+
+def kv_storage_dtype(dtype: Any) -> jnp.dtype:
+    """The KV cache's dtype for a model computing in `dtype`. On XLA:CPU a 16-bit cache is
+    kept in float32: XLA:CPU upcasts a bf16/f16 gather or scatter by converting its whole
+    operand, i.e. the whole cache of every layer on every step (8.6x slower steps on the dev
+    VM for a bf16 tiny Llama). float32 holds the same 16-bit values exactly, so the outputs
+    are unchanged; the fixed CPU byte budget then holds half the tokens."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize < 4 and jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 def _get(config: Any, *names: str) -> Any:
@@ -91,35 +108,39 @@ def num_blocks_for_budget(memory_bytes: int, block_size: int, bytes_per_token: i
 
 
 _claimed_fraction: float | None = None  # what claim_device_memory set, if it did
+# The allocator's fraction of the device, as jaxlib reads it: its current name, then the
+# deprecated one (setting both is an error).
+_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def _fraction_from_env() -> str | None:
+    return next((os.environ[v] for v in _FRACTION_VARS if os.environ.get(v)), None)
 
 
 def claim_device_memory(fraction: float) -> None:
     """Make `fraction` of each accelerator's memory the limit of JAX's allocator, as vLLM's
     gpu_memory_utilization is a fraction of the device (JAX's own default limit is 75%).
     This only works before JAX creates its backends and when the user has not set
-    XLA_PYTHON_CLIENT_MEM_FRACTION; otherwise the limit stays and `memory_budget` takes
-    the fraction of it."""
+    XLA_CLIENT_MEM_FRACTION (or XLA_PYTHON_CLIENT_MEM_FRACTION); otherwise the limit stays
+    and `memory_budget` takes the fraction of it."""
     global _claimed_fraction
-    import os
+    # JAX has no public way to ask whether its backends exist yet; without knowing, a
+    # fraction asked after they started would be taken of the wrong limit.
+    from jax._src import xla_bridge
 
-    from jax._src import xla_bridge  # no public way to ask whether backends exist yet
-
-    if _claimed_fraction is None and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ \
-            and not xla_bridge.backends_are_initialized():
+    if _claimed_fraction is None and _fraction_from_env() is None and not xla_bridge.backends_are_initialized():
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = repr(fraction)
         _claimed_fraction = fraction
 
 
 def device_memory_bytes(device) -> int | None:
     """The device's memory in bytes: the allocator's limit over the fraction of the device it
-    was given (XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75). None where the device keeps
-    no memory statistics (CPU)."""
-    import os
-
+    was given (XLA_CLIENT_MEM_FRACTION or XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75).
+    None where the device keeps no memory statistics (CPU)."""
     limit = (device.memory_stats() or {}).get("bytes_limit")
     if limit is None:
         return None
-    return int(limit / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+    return int(limit / float(_fraction_from_env() or "0.75"))
 
 
 # Of the allocator's limit, kept out of the KV cache for what the profiled activation peak

@@ -11,69 +11,90 @@ scheduling. The leader ends the followers' loop with a stop header.
 
 from __future__ import annotations
 
-import dataclasses
+import typing
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxengine.worker.model_runner import ModelRunner, StepInputs
-from jaxengine.sample.sampler import SamplingTensors
+from jaxengine.sample.metadata import SamplerVariant, SamplingTensors
+from jaxengine.worker.model_runner import ModelRunner
+from jaxengine.worker.step_inputs import META_FIELDS, SAMPLING_FIELDS, StepInputs
 from models.attention_metadata import AttentionMetadata
 
 _STOP, _STEP = 0, 1
-# cmd, T, S, max_pages, B (logit bias width), L (penalty width), R (prompt-logprob rows),
-# has token_src, num_logprobs, use_top_k_top_p, use_penalties, all_greedy, num_seqs
-_HEADER = 13
+# The arrays a follower needs: StepInputs' own and its meta's and sampling's leaves (every
+# array of a step but prompt_slots, which only the leader's outputs read).
+_TOP = ("tokens", "token_src", "prompt_rows", "prompt_targets")
+_ARRAYS = (*_TOP, *(f"meta.{f}" for f in META_FIELDS), *(f"sampling.{f}" for f in SAMPLING_FIELDS))
+_DTYPES = (np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint32), np.dtype(np.bool_))
+_VARIANT_TYPES = tuple(typing.get_type_hints(SamplerVariant).values())  # int, bool, ...
+_MAX_NDIM = 2
+# The header: cmd, num_seqs, the SamplerVariant's fields, then per array of _ARRAYS its
+# dtype's index in _DTYPES (-1: absent), its ndim and its shape (padded to _MAX_NDIM).
+_HEAD = 2 + len(SamplerVariant._fields)
+_PER_ARRAY = 2 + _MAX_NDIM
+_HEADER = _HEAD + _PER_ARRAY * len(_ARRAYS)
 
 
 def _broadcast(tree, is_source: bool):
     return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree, is_source=is_source))
 
 
-def _arrays(inputs: StepInputs) -> dict:
-    """The device-bound part of StepInputs as a dict of int32/float32/uint32 arrays (bools as int32)."""
-    tree = {
-        "tokens": inputs.tokens, "meta": dataclasses.asdict(inputs.meta),
-        "sampling": {k: (v.astype(np.int32) if v.dtype == np.bool_ else v)
-                     for k, v in dataclasses.asdict(inputs.sampling).items()},
-    }
-    if inputs.token_src is not None:
-        tree["token_src"] = inputs.token_src
-    if inputs.prompt_rows is not None:
-        tree["prompt_rows"], tree["prompt_targets"] = inputs.prompt_rows, inputs.prompt_targets
-    return tree
-
-
-def _template(h: np.ndarray) -> dict:
-    """Zeros shaped like the leader's arrays, from its header."""
-    t, s, p, b, l_, r, has_src = (int(x) for x in h[1:8])
-    z = lambda *shape, dtype=np.int32: np.zeros(shape, dtype)  # noqa: E731
-    f = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
-    tree = {
-        "tokens": z(t),
-        "meta": {"positions": z(t), "slot_mapping": z(t), "kv_lens": z(s), "page_indices": z(s, p),
-                 "cu_q_lens": z(s + 1), "num_seqs": z(1), "logits_indices": z(s)},
-        "sampling": {"temperature": f(s), "top_k": z(s), "top_p": f(s), "min_p": f(s), "repetition_penalty": f(s),
-                     "presence_penalty": f(s), "frequency_penalty": f(s), "seeds": z(s, 2, dtype=np.uint32),
-                     "positions": z(s), "logit_bias_ids": z(s, b), "logit_bias_values": f(s, b),
-                     "penalty_token_ids": z(s, l_), "penalty_is_output": z(s, l_)},
-    }
-    if has_src:
-        tree["token_src"] = z(t)
-    if r:
-        tree["prompt_rows"], tree["prompt_targets"] = z(r), z(r)
-    return tree
+def _array(inputs: StepInputs, name: str) -> np.ndarray | None:
+    obj = inputs
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _header(inputs: StepInputs) -> np.ndarray:
-    s = inputs.sampling
-    return np.array([
-        _STEP, inputs.tokens.shape[0], s.temperature.shape[0], inputs.meta.page_indices.shape[1],
-        s.logit_bias_ids.shape[1], s.penalty_token_ids.shape[1],
-        0 if inputs.prompt_rows is None else inputs.prompt_rows.shape[0], inputs.token_src is not None,
-        inputs.num_logprobs, inputs.use_top_k_top_p, inputs.use_penalties, inputs.all_greedy, inputs.num_seqs,
-    ], np.int32)
+    h = np.zeros(_HEADER, np.int32)
+    h[:_HEAD] = (_STEP, inputs.num_seqs, *inputs.variant)
+    for i, name in enumerate(_ARRAYS):
+        a, at = _array(inputs, name), _HEAD + i * _PER_ARRAY
+        if a is None:
+            h[at] = -1
+        else:
+            assert a.ndim <= _MAX_NDIM, (name, a.shape)
+            h[at : at + 2 + a.ndim] = (_DTYPES.index(a.dtype), a.ndim, *a.shape)
+    return h
+
+
+def _arrays(inputs: StepInputs) -> dict[str, np.ndarray]:
+    """The arrays of StepInputs by _ARRAYS' names (bools as int32: what is broadcast)."""
+    tree = {}
+    for name in _ARRAYS:
+        if (a := _array(inputs, name)) is not None:
+            tree[name] = a.astype(np.int32) if a.dtype == np.bool_ else a
+    return tree
+
+
+def _specs(h: np.ndarray) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each present array's dtype and shape, from a header."""
+    specs = {}
+    for i, name in enumerate(_ARRAYS):
+        at = _HEAD + i * _PER_ARRAY
+        if h[at] >= 0:
+            specs[name] = (_DTYPES[h[at]], tuple(int(d) for d in h[at + 2 : at + 2 + h[at + 1]]))
+    return specs
+
+
+def _template(h: np.ndarray) -> dict[str, np.ndarray]:
+    """Zeros shaped like the leader's arrays, as `_arrays` gives them."""
+    return {name: np.zeros(shape, np.int32 if dtype == np.bool_ else dtype) for name, (dtype, shape) in _specs(h).items()}
+
+
+def _inputs(h: np.ndarray, tree: dict[str, np.ndarray]) -> StepInputs:
+    """The leader's StepInputs, from its header and its broadcast arrays."""
+    arrays = {name: tree[name].astype(dtype, copy=False) for name, (dtype, _) in _specs(h).items()}
+    return StepInputs(
+        **{name: arrays.get(name) for name in _TOP},
+        meta=AttentionMetadata(**{f: arrays[f"meta.{f}"] for f in META_FIELDS}),
+        sampling=SamplingTensors(**{f: arrays[f"sampling.{f}"] for f in SAMPLING_FIELDS}),
+        variant=SamplerVariant(*(t(v) for t, v in zip(_VARIANT_TYPES, h[2:_HEAD]))),
+        num_seqs=int(h[1]),
+    )
 
 
 class Leader:
@@ -82,13 +103,15 @@ class Leader:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
 
-    def execute(self, inputs: StepInputs, prev_token_ids=None):
+    def execute(self, inputs: StepInputs, prev_token_ids: jax.Array | None = None):
         _broadcast(_header(inputs), True)
         _broadcast(_arrays(inputs), True)
         return self.runner.execute(inputs, prev_token_ids)
 
     def stop(self) -> None:
-        _broadcast(np.array([_STOP] + [0] * (_HEADER - 1), np.int32), True)
+        h = np.zeros(_HEADER, np.int32)
+        h[0] = _STOP
+        _broadcast(h, True)
 
 
 def follow(runner: ModelRunner) -> int:
@@ -99,13 +122,6 @@ def follow(runner: ModelRunner) -> int:
         h = _broadcast(np.zeros(_HEADER, np.int32), False)
         if h[0] == _STOP:
             return steps
-        tree = _broadcast(_template(h), False)
-        sampling = {k: (v.astype(np.bool_) if k == "penalty_is_output" else v) for k, v in tree["sampling"].items()}
-        inputs = StepInputs(
-            tokens=tree["tokens"], meta=AttentionMetadata(**tree["meta"]), sampling=SamplingTensors(**sampling),
-            num_logprobs=int(h[8]), use_top_k_top_p=bool(h[9]), use_penalties=bool(h[10]), all_greedy=bool(h[11]),
-            num_seqs=int(h[12]), prompt_rows=tree.get("prompt_rows"), prompt_targets=tree.get("prompt_targets"),
-            token_src=tree.get("token_src"),
-        )
+        inputs = _inputs(h, _broadcast(_template(h), False))
         prev = runner.execute(inputs, None if prev is None else prev[0].token_ids)
         steps += 1

@@ -2,7 +2,7 @@
 
 A jitted call copies every numpy argument to the device separately, and each copy costs the
 host ~20 us: a step's ~20 small metadata and sampling arrays cost more host time than the
-whole dispatch of the model (H200, benchmarks/RESULTS.md). `pack` lays them end to end as
+whole dispatch of the model (measured on an H200). `pack` lays them end to end as
 int32 (float32 / uint32 as their raw bits, bools as 0/1); `unpack`, inside the jitted
 function, slices them back out at offsets fixed by the static `Layout`.
 """

@@ -8,8 +8,8 @@ the device kind, the shape class of the batch and the head dim.
     "decode"      T <= S                              one new token per sequence
     "mixed"       S < T                               prefill chunks, maybe with decodes
 
-The numbers came from `benchmarks/kernels.py --tune` on an H100 (benchmarks/RESULTS.md,
-benchmarks/kernels_NOTES.md); other kinds use the defaults, which are the H100 numbers.
+The numbers came from `benchmarks/kernels.py --tune` on an H100 (benchmarks/kernels_NOTES.md);
+other kinds use the defaults, which are the H100 numbers.
 """
 
 import dataclasses
@@ -57,7 +57,7 @@ _TUNED: dict[str, dict[tuple[str, int], tuple[int, int, int, int, bool]]] = {
 
 # Shared memory one program may use (bytes; Triton's limit on that device). float32 inputs
 # double the tiles of the bf16-tuned table: an H200 refused 320 KiB for a float32 prefill
-# tile (benchmarks/RESULTS.md), so the KV tile shrinks until a launch fits.
+# tile, so the KV tile shrinks until a launch fits.
 _SMEM_BYTES = {"NVIDIA H100 80GB HBM3": 232448, "NVIDIA H200": 232448}
 _DEFAULT_SMEM_BYTES = 163840  # an A100's; later GPUs have more
 
@@ -90,10 +90,10 @@ MOSAIC_MIN_Q_LEN = 64
 
 
 def mosaic_block_sizes(head_dim: int) -> tuple[int, int, bool]:
-    """(block_kv, stages, pingpong) of the Mosaic GPU body. H200, head_dim 128
-    (benchmarks/RESULTS.md, session 11): 128/2 with the consumers taking turns was the
-    fastest of 128/2, 64/3 (each with and without) on every prefill shape. head_dim 256
-    halves the KV step so two stages of K and V fit the shared memory."""
+    """(block_kv, stages, pingpong) of the Mosaic GPU body. H200, head_dim 128: 128/2 with
+    the consumers taking turns was the fastest of 128/2, 64/3 (each with and without) on
+    every prefill shape. head_dim 256 halves the KV step so two stages of K and V fit the
+    shared memory."""
     return (128, 2, True) if head_dim <= 128 else (64, 2, True)
 
 

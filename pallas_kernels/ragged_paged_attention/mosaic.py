@@ -2,7 +2,7 @@
 
 STATUS: used by the engine on Hopper GPUs for the sequences of a step with >= 64 query
 tokens (`ragged_paged_attention(prefill_body="auto")` routes them here; decodes and short
-chunks stay on the Triton body). On an H200 (benchmarks/RESULTS.md, session 11) it reaches
+chunks stay on the Triton body). On an H200 (benchmarks/RESULTS.md) it reaches
 58-65% of the bf16 matmul rate on 8k-token prefills and 0.86-0.96x cuDNN's speed, against
 the Triton body's 22-34%. Checked against the reference on the GPU and, on the CPU, in JAX's
 Mosaic GPU interpreter (simulated warpgroups, TMA and barriers); its GPU path also lowers
@@ -11,7 +11,7 @@ interpreter deadlocks on a 2-core machine unless NPROC >= 4, see tests/conftest.
 
 Why a second body: the Triton-lowered kernel (`ragged_paged_attention`) streams decode
 at the HBM rate but reaches only 22-34% of the bf16 matmul rate on prefill (no TMA, no
-warpgroup MMA it can be sure of, no producer/consumer split; benchmarks/RESULTS.md).
+warpgroup MMA it can be sure of, no producer/consumer split).
 This body is the FlashAttention-3 shape: per program, two consumer warpgroups of 64 query
 rows each (one wgmma M tile) and one producer warpgroup that copies K/V pages from the
 paged cache into a ring of shared-memory slots with TMA, one copy per page, and signals a

@@ -20,7 +20,7 @@ zeros for the tokens it leaves to the other).
   a KV head for a few tokens (16 rows), which Mosaic GPU's 64-row wgmma tiles fit badly.
 - Why Mosaic GPU for prefill: prefill is compute bound, and TMA copies, wgmma and a
   producer warpgroup feeding two consumers reach 58-65% of the bf16 matmul rate on long
-  prefills where this body reaches 22-34% (benchmarks/RESULTS.md, session 11).
+  prefills where this body reaches 22-34% (benchmarks/RESULTS.md).
 - Tests: every kernel runs on CPU under jax 0.10.2, this one in the generic
   `interpret=True` HLO interpreter (stable in 0.10 and 0.11, fast enough for the suite),
   the Mosaic GPU one in JAX's Mosaic GPU interpreter (simulated threads, TMA, barriers;
@@ -34,7 +34,7 @@ Grid: (query block, KV head, KV split). Query blocks are cut per sequence (block
 of one sequence each; the host-side-free metadata is computed with jnp in the wrapper),
 so a decode and a prefill chunk never share a tile. A tile holds block_q tokens x the
 Hq // Hkv query heads of one KV head (rows token-major, padded to a power of two >= 16),
-so GQA reads each KV page once per query block. H100 numbers: benchmarks/RESULTS.md. Each program loops over the KV blocks its
+so GQA reads each KV page once per query block. Each program loops over the KV blocks its
 rows can see (causal, sliding window) with an online softmax in fp32 (with
 unmasked_interior, blocks every row sees whole go through a second, mask-free loop); with
 num_kv_splits > 1 (flash-decoding for small decode batches) programs write partial
@@ -46,7 +46,7 @@ and rows past cu_q_lens[num_seqs] are masked: NaN/garbage there never reaches th
 import dataclasses
 import functools
 import math
-import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -312,14 +312,16 @@ def _hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
 
 
-def _prefill_body(choice: str | None, q, kv_cache, num_seqs_max: int, sliding_window, soft_cap,
-                  interpret: bool, explicit_blocks: bool) -> str:
+PREFILL_BODIES = ("auto", "mosaic", "triton")
+
+
+def _prefill_body(choice: str, q: jax.Array, kv_cache: jax.Array, num_seqs_max: int, sliding_window: int | None,
+                  soft_cap: float | None, interpret: bool, explicit_blocks: bool) -> str:
     """Which body serves the prefill chunks: "mosaic" (FlashAttention-3 style, Hopper only;
-    decodes and short chunks stay on this module's Triton body) or "triton" (everything)."""
-    choice = choice or os.environ.get("JAXENGINE_PREFILL_BODY", "auto")
-    if choice not in ("auto", "mosaic", "triton"):
-        raise ValueError(f"prefill_body must be 'auto', 'mosaic' or 'triton', got {choice!r} "
-                         "(argument or JAXENGINE_PREFILL_BODY)")
+    decodes and short chunks stay on this module's Triton body) or "triton" (everything).
+    q [T, Hq, D], kv_cache [2, Hkv, num_pages, page_size, D]."""
+    if choice not in PREFILL_BODIES:
+        raise ValueError(f"prefill_body must be 'auto', 'mosaic' or 'triton', got {choice!r}")
     if choice == "triton" or (choice == "auto" and (
             interpret or explicit_blocks or shape_class(q.shape[0], num_seqs_max) != "mixed" or not _hopper())):
         return "triton"
@@ -366,8 +368,8 @@ def ragged_paged_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     unmasked_interior: bool | None = None,
-    prefill_body: str | None = None,
-    interpret: bool = False,
+    prefill_body: str = "auto",
+    interpret: Any = False,
 ) -> jax.Array:  # [T, Hq, D]
     """Ragged paged attention (see the module docstring and the reference's).
 
@@ -381,12 +383,15 @@ def ragged_paged_attention(
         the single loop pipelines better).
     prefill_body: "mosaic" sends the sequences with q_len >= MOSAIC_MIN_Q_LEN to the Mosaic
       GPU body (`ragged_paged_attention_mosaic`, 1.6-2.3x this body's speed on H200 prefill)
-      and the rest to this body's decode tiles; "triton" keeps every token here. None: the
-      JAXENGINE_PREFILL_BODY environment variable, else "auto" = "mosaic" for a batch with
-      prefill tokens (T > S) on a Hopper GPU when `mosaic_supports` holds and no Triton
-      block size is given.
-    interpret: run the kernel(s) in interpret mode on the CPU (the Mosaic GPU body in JAX's
-      Mosaic GPU interpreter).
+      and the rest to this body's decode tiles; "triton" keeps every token here; "auto" =
+      "mosaic" for a batch with prefill tokens (T > S) on a Hopper GPU when the Mosaic body
+      `supports` it and no Triton block size is given (the engine's choice:
+      EngineConfig.prefill_attention_body).
+    interpret: run on the CPU. True: this body in the HLO interpreter ("auto" then keeps
+      every token here). For the Mosaic GPU body, JAX's Mosaic GPU interpreter parameters
+      instead (`InterpretGPUParams()`: exported by `jax.experimental.pallas.mosaic_gpu` from
+      jax 0.11, only privately in 0.10): that body runs in that interpreter, this one in
+      the HLO interpreter.
     """
     bs_args = (block_q, pages_per_block, num_kv_splits, num_warps, num_stages)
     _validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, bs_args)
@@ -395,32 +400,30 @@ def ragged_paged_attention(
     _, hkv, _, page_size, _ = kv_cache.shape
     s_max, p = page_indices.shape
     explicit = any(x is not None for x in bs_args) or unmasked_interior is not None
-    body = _prefill_body(prefill_body, q, kv_cache, s_max, sliding_window, soft_cap, interpret, explicit)
+    body = _prefill_body(prefill_body, q, kv_cache, s_max, sliding_window, soft_cap, bool(interpret), explicit)
     shape = dict(num_tokens=t, max_num_seqs=s_max, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                  page_size=page_size, pages_per_seq=p, itemsize=max(q.dtype.itemsize, kv_cache.dtype.itemsize))
     if body == "mosaic":
         from pallas_kernels.ragged_paged_attention.mosaic import ragged_paged_attention_mosaic
 
+        if interpret is True:
+            raise ValueError("prefill_body='mosaic' on the CPU runs in JAX's Mosaic GPU interpreter: pass its "
+                             "parameters as interpret=InterpretGPUParams(), not interpret=True")
+
         # Each body writes zeros for the tokens it does not serve, so the sum is either's result.
         block_kv, stages, pingpong = mosaic_block_sizes(d)
         long = ragged_paged_attention_mosaic(
             *args, sm_scale=sm_scale, block_kv=block_kv, stages=stages, pingpong=pingpong,
-            min_q_len=MOSAIC_MIN_Q_LEN, interpret=_mosaic_interpreter() if interpret else None)
+            min_q_len=MOSAIC_MIN_Q_LEN, interpret=interpret or None)
         short = _triton(*args, sm_scale=sm_scale, sliding_window=None, soft_cap=None,
                         bs=default_block_sizes(**shape, as_class="decode"),
-                        q_len_range=(1, MOSAIC_MIN_Q_LEN), interpret=interpret)
+                        q_len_range=(1, MOSAIC_MIN_Q_LEN), interpret=bool(interpret))
         return long + short
     given = dict(block_q=block_q, pages_per_block=pages_per_block, num_kv_splits=num_kv_splits,
                  num_warps=num_warps, num_stages=num_stages, unmasked_interior=unmasked_interior)
     bs = dataclasses.replace(default_block_sizes(**shape), **{k: v for k, v in given.items() if v is not None})
     return _triton(*args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, bs=bs,
-                   q_len_range=(1, None), interpret=interpret)
-
-
-def _mosaic_interpreter():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private: moves between versions
-
-    return InterpretGPUParams()
+                   q_len_range=(1, None), interpret=bool(interpret))
 
 
 def _triton(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float, sliding_window,

@@ -1,1 +1,2 @@
-"""The continuous-batching scheduler and its output types."""
+"""The continuous-batching scheduler, its output types (output.py) and its waiting queue
+(request_queue.py)."""

@@ -27,14 +27,15 @@ prefix cache and each own a separate last (partial) block; no copy-on-write.
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jaxengine.core.kv_cache_manager import KVCacheManager
 from jaxengine.core.request import Request, RequestStatus
+from jaxengine.core.sched.output import ScheduledRequest, SchedulerOutput, SchedulerStats
+from jaxengine.core.sched.request_queue import POLICIES, RequestQueue
+
+__all__ = ["ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerStats"]
 
 
 @dataclass
@@ -64,93 +65,11 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                 f"max_num_seqs ({self.max_num_seqs}) so every running request can decode"
             )
-        if self.policy not in ("fcfs", "priority"):
+        if self.policy not in POLICIES:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         t = self.long_prefill_token_threshold
         if t is not None and (not isinstance(t, int) or t < 1):
             raise ValueError(f"long_prefill_token_threshold must be None or >= 1, got {t!r}")
-
-
-@dataclass(slots=True)
-class ScheduledRequest:
-    """One request's share of a step."""
-
-    request: Request  # read prompt/all tokens and sampling params from here
-    num_tokens: int  # tokens to run this step: all_token_ids[start : start + num_tokens]
-    start_position: int  # = num_computed_tokens before the step (position of the 1st token)
-    block_ids: tuple[int, ...]  # the full block table (immutable), covers start + num_tokens
-    new_block_ids: tuple[int, ...]  # appended this step (prefix hits first, then fresh ones)
-    sample: bool  # the step ends at the last known token: the runner must sample one
-    is_new: bool  # admitted from waiting this step (new or resumed after preemption)
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    """The single thing handed to the model runner for one step."""
-
-    scheduled: list[ScheduledRequest]  # in schedule order (running first, then admitted)
-    total_num_scheduled_tokens: int
-    preempted_req_ids: list[str]  # preempted this step: drop their per-request state
-    finished_req_ids: set[str] = field(default_factory=set)  # finished since the last step
-    # Decode steps run back to back on the device (EngineConfig.num_scheduler_steps): each
-    # scheduled request then decodes, holds slots for all of them and samples that many tokens.
-    num_steps: int = 1
-
-    @property
-    def num_scheduled_seqs(self) -> int:
-        return len(self.scheduled)
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int  # tokens looked up
-    prefix_cache_hits: int  # tokens found
-    num_preemptions: int  # cumulative
-
-
-class _WaitingQueue:
-    """FCFS deque, or a heap on (priority, arrival, seq) under the priority policy."""
-
-    def __init__(self, policy: str) -> None:
-        self.fcfs = policy == "fcfs"
-        self._deque: deque[Request] = deque()
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._seq = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._deque) if self.fcfs else len(self._heap)
-
-    def __iter__(self):
-        return iter(self._deque) if self.fcfs else (e[3] for e in sorted(self._heap))
-
-    def add(self, req: Request) -> None:
-        if self.fcfs:
-            self._deque.append(req)
-        else:
-            heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._seq), req))
-
-    def add_front(self, req: Request) -> None:
-        """A preempted request: front under FCFS; under priority its key decides."""
-        if self.fcfs:
-            self._deque.appendleft(req)
-        else:
-            self.add(req)
-
-    def peek(self) -> Request:
-        return self._deque[0] if self.fcfs else self._heap[0][3]
-
-    def pop(self) -> Request:
-        return self._deque.popleft() if self.fcfs else heapq.heappop(self._heap)[3]
-
-    def remove(self, req: Request) -> None:  # O(n): aborts are rare
-        if self.fcfs:
-            self._deque.remove(req)
-        else:
-            self._heap = [e for e in self._heap if e[3] is not req]
-            heapq.heapify(self._heap)
 
 
 class Scheduler:
@@ -160,7 +79,7 @@ class Scheduler:
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.requests: dict[str, Request] = {}  # unfinished requests by id
-        self.waiting = _WaitingQueue(config.policy)
+        self.waiting = RequestQueue(config.policy)
         self.running: list[Request] = []  # admission order: the newest is last
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0
@@ -212,10 +131,31 @@ class Scheduler:
 
     # ---------------------------------------------------------------- one step
 
+    def decode_steps(self, max_steps: int) -> int:
+        """`max_steps` if the next step can run that many decode steps in one program: every
+        running request decodes (none mid-prefill), has room for that many more tokens and
+        needs no per-step sampling work, and no waiting request could be admitted now (none
+        waits, or max_num_seqs are running: then a seat that frees inside a run is filled
+        after it); else 1. Pass the result to `schedule`."""
+        running = self.running
+        if max_steps == 1 or not running:
+            return 1
+        if self.waiting and len(running) < self.config.max_num_seqs:
+            return 1
+        limit = self.config.max_model_len - max_steps
+        for req in running:
+            n = len(req.all_token_ids) + req.num_pending  # with the tokens still on the device
+            p = req.sampling_params
+            # Any logprobs (even 0: the chosen token's) come from single steps only.
+            if (req.num_computed_tokens != n - 1 or n > limit or p.has_per_step_work or p.logprobs is not None
+                    or p.prompt_logprobs is not None):
+                return 1
+        return max_steps
+
     def schedule(self, num_steps: int = 1) -> SchedulerOutput:
-        """`num_steps` > 1: a multi-step decode (the caller has checked that every running
-        request decodes): each request gets KV slots for `num_steps` tokens, and nobody is
-        admitted from waiting in this step."""
+        """`num_steps` > 1: a multi-step decode (`decode_steps` has checked that every
+        running request decodes): each request gets KV slots for `num_steps` tokens, and
+        nobody is admitted from waiting in this step."""
         cfg = self.config
         lookahead = num_steps - 1
         max_model_len = cfg.max_model_len

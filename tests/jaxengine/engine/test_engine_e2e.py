@@ -199,7 +199,7 @@ def test_penalties_run_synchronously(llm):
     out = llm.generate([PROMPTS[2]], params)[0].outputs[0].token_ids
     plain = llm.generate([PROMPTS[2]], GREEDY)[0].outputs[0].token_ids[:16]
     assert out != plain and len(out) == 16
-    assert llm.engine._num_penalised == 0  # released when the request finished
+    assert llm.engine.requests.num_penalised == 0  # released when the request finished
 
 
 def test_every_eos_id_from_generation_config_stops(checkpoint, tmp_path):

@@ -77,7 +77,7 @@ def test_near_max_model_len_and_n_samples_same_as_single_step(checkpoint):  # no
         got, want = multi.generate(PROMPTS[3:], p), single.generate(PROMPTS[3:], p)
         assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
     assert len(got[0].prompt_token_ids) + len(got[0].outputs[0].token_ids) == 40
-    assert multi.engine.timing["multi_step_runs"] > 0
+    assert multi.engine.step_timing().multi_step_runs > 0
 
 
 def test_seeded_sampling_same_as_single_step(multi, checkpoint):  # noqa: F811

@@ -9,14 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxengine.sample.sampler import (
-    SamplingTensors,
-    apply_penalties_and_bias,
-    gumbel_noise,
-    neutral_sampling_tensors,
-    sample,
-    seed_to_words,
-)
+from jaxengine.sample.metadata import SamplingTensors, neutral_sampling_tensors, seed_to_words
+from jaxengine.sample.sampler import apply_penalties_and_bias, gumbel_noise, sample
 
 NEG_INF = -np.inf
 # most tests share these shapes so the jitted sampler compiles few variants (CPU compile dominates)

@@ -268,6 +268,7 @@ def test_data_parallel_core_calls_match_generate(checkpoint):
     device), stop_requests reaches the replica that runs the request, and `done` releases the
     request ids."""
     from jaxengine.core.request import RequestStatus
+    from jaxengine.engine.output_processor import StopMatch
 
     _, path, want = checkpoint
     engine = _llm(path, 4, 2).engine
@@ -276,7 +277,7 @@ def test_data_parallel_core_calls_match_generate(checkpoint):
         assert engine.add_core_request(prompt, GREEDY, request_id=rid) == [rid]
     engine.add_core_request(PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
                             request_id="core-stop")
-    assert {engine._owner[rid] for rid in ids} == {0, 1}
+    assert {i for i, r in enumerate(engine.replicas) for rid in ids if rid in r.requests} == {0, 1}
     got = {rid: [] for rid in [*ids, "core-stop"]}
     finished, done = {}, []
     while engine.has_unfinished_requests():
@@ -286,11 +287,12 @@ def test_data_parallel_core_calls_match_generate(checkpoint):
         finished.update(out.finished)
         done += out.done
         if got["core-stop"] and "core-stop" not in finished:
-            engine.stop_requests([("core-stop", "a stop string")])
+            engine.stop_requests([StopMatch("core-stop", "a stop string")])
     assert [got[rid] for rid in ids] == want
     assert finished["core-stop"] == (int(RequestStatus.FINISHED_STOPPED), "a stop string")
     assert len(got["core-stop"]) < 16
-    assert sorted(done) == sorted([*ids, "core-stop"]) and not set(done) & set(engine._owner)
+    assert sorted(done) == sorted([*ids, "core-stop"]) \
+        and not any(rid in r.requests for r in engine.replicas for rid in done)
     assert engine.stats()["num_running"] == 0
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention.query_blocks import query_blocks
@@ -15,10 +16,12 @@ from pallas_kernels.ragged_paged_attention.triton import _prefill_body
 from pallas_kernels.ragged_paged_attention.mosaic import ragged_paged_attention_mosaic, supports
 from tests.pallas_kernels.ragged_paged_attention.paged_attention_inputs import make_case, rel_err
 
-try:  # jax 0.11 exports it from plgpu; 0.10 does not
+# JAX's Mosaic GPU interpreter: jax 0.11 exports its parameters from plgpu, jax 0.10.2 only
+# from jax._src (no public name there).
+if hasattr(plgpu, "InterpretGPUParams"):
+    InterpretGPUParams = plgpu.InterpretGPUParams
+else:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-except ImportError:  # pragma: no cover
-    InterpretGPUParams = None
 
 TOL = {jnp.bfloat16: 1.5e-2, jnp.float16: 3e-3}
 
@@ -32,7 +35,6 @@ def run_interpreted(case, dtype, **kw):
     return np.asarray(out.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32))
 
 
-@pytest.mark.skipif(InterpretGPUParams is None, reason="this jax has no Mosaic GPU interpreter")
 @pytest.mark.parametrize("name, q_lens, kv_lens, group, page_size, block_kv, dtype, pingpong", [
     # fresh prefills (one block of 128 rows: both consumers, the second one partly padding)
     # and a chunk whose context spans three KV steps, with the ring turning (2 stages)
@@ -82,7 +84,6 @@ def test_what_it_does_not_take_is_refused():
         ragged_paged_attention_mosaic(*args, sm_scale=0.1)
 
 
-@pytest.mark.skipif(InterpretGPUParams is None, reason="this jax has no Mosaic GPU interpreter")
 def test_split_batch_matches_reference():
     """prefill_body="mosaic": the chunks of >= MOSAIC_MIN_Q_LEN tokens go through the Mosaic
     body, the decodes and the short chunk through the Triton body's decode tiles; every
@@ -93,7 +94,7 @@ def test_split_batch_matches_reference():
     args[0], args[1] = args[0].astype(jnp.bfloat16), args[1].astype(jnp.bfloat16)
     ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.125).astype(jnp.float32))
     out = np.asarray(ragged_paged_attention(*args, sm_scale=0.125, prefill_body="mosaic",
-                                            interpret=True).astype(jnp.float32))
+                                            interpret=InterpretGPUParams()).astype(jnp.float32))
     assert np.isfinite(out).all()
     for s, (lo, hi) in enumerate(zip(case.cu_q_lens[:-1], case.cu_q_lens[1:])):
         if s < case.num_seqs[0]:
@@ -105,12 +106,17 @@ def test_prefill_body_choice():
     q = jnp.zeros((8, 4, 128), jnp.bfloat16)
     cache = jnp.zeros((2, 2, 8, 16, 128), jnp.bfloat16)
     # On the CPU (and in interpret mode) "auto" keeps everything on the Triton body.
-    assert _prefill_body(None, q, cache, 2, None, None, interpret=False, explicit_blocks=False) == "triton"
+    assert _prefill_body("auto", q, cache, 2, None, None, interpret=False, explicit_blocks=False) == "triton"
     assert _prefill_body("mosaic", q, cache, 2, None, None, interpret=True, explicit_blocks=False) == "mosaic"
     with pytest.raises(ValueError, match="does not take"):  # a sliding window stays on the Triton body
         _prefill_body("mosaic", q, cache, 2, 64, None, interpret=False, explicit_blocks=False)
     with pytest.raises(ValueError, match="'auto', 'mosaic' or 'triton'"):
         _prefill_body("cudnn", q, cache, 2, None, None, interpret=False, explicit_blocks=False)
+    # On the CPU the Mosaic GPU body needs its interpreter's parameters, not the HLO interpreter.
+    args = (q, cache, jnp.ones(2, jnp.int32), jnp.zeros((2, 1), jnp.int32), jnp.array([0, 1, 2], jnp.int32),
+            jnp.array(2, jnp.int32))
+    with pytest.raises(ValueError, match="InterpretGPUParams"):
+        ragged_paged_attention(*args, sm_scale=0.1, prefill_body="mosaic", interpret=True)
 
 
 @pytest.mark.parametrize("q_len_range", [(1, None), (64, None), (1, 64), (3, 10)])

@@ -339,3 +339,23 @@ def test_stop_string_finish_from_engine():
     assert not s.has_unfinished_requests()
     with pytest.raises(ValueError, match="finished status"):
         s.finish_requests("a", RequestStatus.RUNNING)
+
+
+# ------------------------------------------------------------------ multi-step eligibility
+
+
+def test_decode_steps_only_when_every_running_request_decodes():
+    s = make_sched(max_num_seqs=2)
+    assert s.decode_steps(4) == 1  # nothing runs
+    s.add_request(req("a", [1, 2, 3]))
+    s.add_request(req("b", [4, 5]))
+    step(s)  # both prefill and sample their first token
+    assert s.decode_steps(4) == 4 and s.decode_steps(1) == 1
+    s.add_request(req("c", [6]))  # waits, but both seats are taken: runs may go on
+    assert s.decode_steps(4) == 4
+    s.finish_requests("b")  # a seat is free for c: admit it first
+    assert s.decode_steps(4) == 1
+    s.finish_requests("c")
+    s.add_request(req("d", [7], logprobs=0))
+    step(s)  # d admitted; its logprobs come from single steps
+    assert s.decode_steps(4) == 1
