@@ -1,14 +1,33 @@
-"""`jaxengine` command line: generate, serve, client."""
+"""`jaxengine` command line: generate, serve, client.
+
+One `--seed`, the sampling seed, everywhere: on `generate` and `client` it is the request's
+own seed (SamplingParams.seed: the same seed, prompt and parameters give the same text); on
+`serve`, which sends no requests, it seeds the engine's random source, from which every
+request that brings no seed of its own draws one (vLLM's --seed; also a preset's random
+weights). Unset, `generate` leaves requests unseeded: they draw from the engine's source,
+seeded 0, so a run is still repeatable.
+
+Sampling defaults are the same in `generate` and `client`: greedy (temperature 0), so both
+print the same text for the same prompt and model; the model card's sampling is an explicit
+`--temperature 0.7 --top-p 0.95`.
+
+Errors are one `error: ...` line on stderr, no traceback: exit code 2 for a bad argument or
+prompt, 1 for a model that cannot be loaded (its message names the file and what is wrong)
+and for a server that could not start or stopped because a process it needs died.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+ECHO_CHARS = 200  # `generate` echoes at most this much of a prompt: its end, which the completion continues
+
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="checkpoint dir or preset name (default: the shipped code model)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -16,7 +35,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None, help="default: 1024 on a GPU of >= 70 GiB (not A100), 256 on other GPUs, 16 on CPU")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 8192 on GPU, 256 on CPU")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-n", type=int, default=None, help="most samples (n) one request may ask for (default 128)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--data-parallel-size", type=int, default=1)
     g.add_argument("--stream-interval", type=int, default=1,
@@ -25,63 +44,105 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode steps per dispatch when every running request decodes (1: off)")
     g.add_argument("--sequence-parallel-min-tokens", type=int, default=None,
                    help="tensor parallel: steps of at least this many tokens split the residual stream by token")
+    g.add_argument("--prefill-attention-body", default="auto", choices=["auto", "mosaic", "triton"],
+                   help="attention kernel for prefill tokens (auto: Mosaic GPU on Hopper, Triton elsewhere)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+        tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         stream_interval=args.stream_interval, num_scheduler_steps=args.num_scheduler_steps,
         sequence_parallel_min_tokens=args.sequence_parallel_min_tokens,
-    )
+        prefill_attention_body=args.prefill_attention_body,
+    ) | ({} if args.max_n is None else dict(max_n=args.max_n))
 
 
-def _generation_defaults(model: str | None) -> dict:
-    """Sampling defaults from the checkpoint's generation_config.json, as vLLM does; greedy
-    when the checkpoint does not ask for sampling."""
-    import json
-    from pathlib import Path
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
 
+
+def _check_model(model: str | None) -> str | None:
+    """Why `model` cannot be loaded, found from its config.json alone (before anything
+    starts); None when it looks loadable. The weights are checked as they load."""
     from jaxengine.config import default_model_dir
+    from models.loading.presets import model_config
 
-    path = Path(model or default_model_dir()) / "generation_config.json"
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not cfg.get("do_sample"):
-        return {}
-    return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if k in cfg}
+        model_config(model or str(default_model_dir()))
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _check_tokenizer(model: str | None, tokenizer: str | None) -> str | None:
+    """Why text prompts cannot be tokenized for this model; None when they can."""
+    from jaxengine.config import default_model_dir
+    from jaxengine.engine.tokenizer import load_tokenizer
+    from models.loading.presets import PRESETS
+
+    if tokenizer is None and model in PRESETS:
+        return f"preset {model!r} has random weights and no tokenizer: pass --tokenizer DIR to generate from text"
+    try:
+        load_tokenizer(tokenizer or model or default_model_dir())
+    except (OSError, ValueError) as e:
+        return f"text prompts need a tokenizer: {e}"
+    return None
+
+
+def _echo(prompt: str) -> str:
+    return prompt if len(prompt) <= ECHO_CHARS else "..." + prompt[-ECHO_CHARS:]
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, seed_help: str) -> None:
+    """The same sampling flags and defaults for `generate` and `client`."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt (SamplingParams.n)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None, help=seed_help)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def _generate(args: argparse.Namespace) -> int:
     from jaxengine.entrypoints.llm import LLM
     from jaxengine.sampling_params import SamplingParams
 
-    defaults = _generation_defaults(args.model)
     try:
         params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature if args.temperature is not None else defaults.get("temperature", 0.0),
-            top_p=args.top_p if args.top_p is not None else defaults.get("top_p", 1.0),
-            top_k=args.top_k if args.top_k is not None else defaults.get("top_k", -1),
-            seed=args.sampling_seed, stop=args.stop or None,
+            n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=args.seed, stop=args.stop or None,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    llm = LLM(args.model, progress=not args.quiet, **engine_kwargs(args))
+        return _error(str(e), 2)
+    problem = _check_model(args.model) or _check_tokenizer(args.model, args.tokenizer)
+    if problem is not None:
+        return _error(problem, 1)
+    try:
+        llm = LLM(args.model, progress=not args.quiet, **engine_kwargs(args))
+    except (OSError, ValueError) as e:  # the model's files: the message names the file
+        return _error(f"could not load the model: {e}", 1)
     for prompt in args.prompts:
-        print(prompt, end="", flush=True)
         try:
-            for delta in llm.stream(prompt, params):
-                print(delta.outputs[0].text, end="", flush=True)
-        except ValueError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
-            return 2
-        print()
+            if args.n == 1:
+                print(_echo(prompt), end="", flush=True)
+                for delta in llm.stream(prompt, params):
+                    print(delta.outputs[0].text, end="", flush=True)
+                print()
+                continue
+            # Several samples: each printed whole once done, not interleaved.
+            (out,) = llm.generate([prompt], params, use_tqdm=False)
+            for o in out.outputs:
+                print(f"--- sample {o.index + 1} of {args.n} ---")
+                print(_echo(prompt) + o.text, flush=True)
+        except (ValueError, TypeError) as e:  # a prompt the engine cannot take
+            print(flush=True)  # end the echoed line on stdout
+            return _error(str(e), 2)
     return 0
 
 
@@ -90,10 +151,12 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from jaxengine.config import EngineConfig
-    from serving.server import ServeOptions, serve
+    from jaxengine.engine.tokenizer import load_chat_template
+    from serving.launch import serve
+    from serving.server import ServeOptions
 
     keys = tuple(args.api_key or ()) or tuple(k for k in [os.environ.get("JAXENGINE_API_KEY")] if k)
-    kwargs = engine_kwargs(args)
+    kwargs = engine_kwargs(args) | dict(seed=args.seed)
     if args.engine_process and args.coordinator_address:
         print("error: --engine-process is single-host: drop it, or --coordinator-address", file=sys.stderr)
         return 2
@@ -107,6 +170,13 @@ def _serve(args: argparse.Namespace) -> int:
         print("error: --api-server-count > 1 needs the engine in its own process (single host, no --no-engine-process)",
               file=sys.stderr)
         return 2
+    try:
+        chat_template = None if args.chat_template is None else load_chat_template(args.chat_template)
+    except (OSError, ValueError) as e:
+        return _error(f"--chat-template: {e}", 2)
+    problem = _check_model(args.model)
+    if problem is not None:
+        return _error(problem, 1)
     if args.coordinator_address:
         # Multi-host: join JAX's runtime first; process 0 serves and schedules, the others
         # replay its steps on their devices (jaxengine.worker.multihost).
@@ -125,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
         options = ServeOptions(
             host=args.host, port=args.port, model_name=args.served_model_name or args.model or "default",
             api_keys=keys, tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
-            max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+            max_queue=args.max_queue, drain_timeout=args.drain_timeout, chat_template=chat_template,
         )
         config = EngineConfig.from_kwargs(args.model, **kwargs)
     except ValueError as e:
@@ -141,41 +211,39 @@ def _client(args: argparse.Namespace) -> int:
     from serving.client import Client
 
     root = open(args.tls_ca, "rb").read() if args.tls_ca else None
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if args.sampling_seed is not None:
-        sampling["seed"] = args.sampling_seed
+    sampling = dict(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k)
+    if args.seed is not None:
+        sampling["seed"] = args.seed
     if args.stop:
         sampling["stop"] = args.stop
     prompt = dict(messages=[{"role": "user", "content": args.prompt}]) if args.chat else dict(prompt=args.prompt)
     with Client(args.target, api_key=args.api_key, root_certificates=root, tls=args.tls, timeout=args.timeout) as c:
         try:
-            if args.stream:
+            if args.stream and args.n == 1:
                 for piece in c.stream_text(**prompt, **sampling):
                     print(piece, end="", flush=True)
                 print()
-            else:
+            elif args.n == 1:
                 print(c.generate(**prompt, **sampling).text)
+            else:  # as `generate` prints several samples
+                for completion in c.generate(**prompt, **sampling).completions:
+                    print(f"--- sample {completion.index + 1} of {args.n} ---")
+                    print(completion.text, flush=True)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" banner
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxengine", description="JAX LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts and print the text as it is generated")
     gen.add_argument("prompts", nargs="+")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config, else 0 (greedy)")
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    gen.add_argument("--stop", action="append")
+    _add_sampling_args(gen, seed_help="sampling seed of each request (SamplingParams.seed); default: none, "
+                                      "drawn from the engine's source seeded 0, so a run repeats")
     gen.add_argument("--quiet", action="store_true", help="no compile progress bar")
     _add_engine_args(gen)
 
@@ -191,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="reject with RESOURCE_EXHAUSTED when this many requests wait for their first step")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight calls get after SIGTERM")
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
+    srv.add_argument("--seed", type=int, default=0,
+                     help="seed of the engine's sampling source: requests that bring no seed draw theirs from it "
+                          "(and a preset's random weights); a request's own seed wins")
+    srv.add_argument("--chat-template", default=None,
+                     help="Jinja chat template for chat requests, a file or the template itself (vLLM's flag); "
+                          "default: the tokenizer's")
     srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                      help="run the engine loop in a child process, so the gRPC loop never holds its GIL "
                           "(default on a single host; an H200 served 1.9x the tokens/s with it)")
@@ -208,18 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("prompt")
     cli.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
     cli.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    cli.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    cli.add_argument("--max-tokens", type=int, default=128)
-    cli.add_argument("--temperature", type=float, default=0.0)
-    cli.add_argument("--top-p", type=float, default=1.0)
-    cli.add_argument("--top-k", type=int, default=-1)
-    cli.add_argument("--sampling-seed", type=int, default=None)
-    cli.add_argument("--stop", action="append")
+    cli.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user chat message (rendered with the model's chat template, or "
+                          "the server's --chat-template)")
+    _add_sampling_args(cli, seed_help="sampling seed of the request (SamplingParams.seed); default: none, "
+                                      "drawn from the server's source (serve --seed)")
     cli.add_argument("--api-key", default=None)
     cli.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     cli.add_argument("--tls-ca", default=None, help="PEM root certificate to trust (implies TLS)")
     cli.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)

@@ -1,18 +1,11 @@
-"""The gRPC server: `grpc.aio` in front of the engine's streams (`AsyncEngine`, or with
-`--engine-process` an `EngineProcess`), with health, reflection, metrics,
-API keys, TLS and a graceful drain.
+"""The gRPC server: `grpc.aio` in front of the engine's streams (`AsyncEngine`, or an
+`EngineProcess` / `EngineClient`), with health, reflection, metrics, API keys, TLS, a graceful
+drain (`drain`) and a loud failure (`fail`).
 
-    jaxengine serve --model DIR [--host 127.0.0.1] [--port 50051] [--api-key KEY] ...
-
-Life cycle (`serve`): bind the port with health NOT_SERVING, load and compile the model on a
-thread (the event loop keeps answering health checks meanwhile), switch health to SERVING
-and print where it listens. On SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE,
-in-flight calls get `drain_timeout` seconds to finish, then the rest are aborted (they end
-with finish reason ABORT), the server stops and the process exits 0. A second signal skips
-the wait.
-
-`BackgroundServer` runs the same server on its own thread and event loop around an existing
-`AsyncEngine` or `EngineProcess` (tests, benchmarks, notebooks).
+`EngineServer` binds the port with health NOT_SERVING and switches to SERVING at
+`set_engine`; what `jaxengine serve` runs around it (loading, signals, front-end processes,
+watching the engine) is `serving.launch.serve`. `BackgroundServer` runs the same server on its
+own thread and event loop around an existing engine (tests, benchmarks, notebooks).
 """
 
 from __future__ import annotations
@@ -20,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -29,8 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxengine.engine.async_engine import AsyncEngine, StreamingEngine
-from jaxengine.config import EngineConfig
+from jaxengine.engine.async_engine import StreamingEngine
 from serving.auth import ApiKeyInterceptor
 from serving.metrics import ServingMetrics
 from serving.servicer import SERVICE_NAME, EngineServicer, add_to_server
@@ -51,6 +41,8 @@ class ServeOptions:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_queue: int | None = None  # None: unbounded
     drain_timeout: float = 30.0
+    # A Jinja chat template for chat requests, instead of the tokenizer's (--chat-template).
+    chat_template: str | None = None
     # Let other front-end processes listen on this port too (serving/frontends.py). Off by
     # default: a second server on a busy port must fail, not share it silently.
     reuse_port: bool = False
@@ -77,7 +69,8 @@ class EngineServer:
     def __init__(self, options: ServeOptions):
         self.options = options
         self.metrics = ServingMetrics(options.model_name, self._stats)
-        self.servicer = EngineServicer(options.model_name, max_queue=options.max_queue, metrics=self.metrics)
+        self.servicer = EngineServicer(options.model_name, max_queue=options.max_queue, metrics=self.metrics,
+                                       chat_template=options.chat_template)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -89,13 +82,35 @@ class EngineServer:
         return self.servicer.engine
 
     def _stats(self) -> dict | None:
+        """The engine's gauges for a scrape; None (the per-request metrics alone) while loading,
+        and when the engine cannot answer: a scrape must not fail because the engine did."""
         engine = self.servicer.engine
-        if engine is None:
+        if engine is None or engine.is_dead:
             return None
-        return engine.call(_engine_stats).result(timeout=10)
+        try:
+            return engine.call(_engine_stats).result(timeout=10)
+        except Exception as e:  # noqa: BLE001 - dead, or too busy to answer in time
+            log.warning("metrics: no engine stats this scrape (%s: %s)", type(e).__name__, e)
+            return None
 
     async def start(self) -> int:
-        """Bind and start answering (health NOT_SERVING until `set_engine`); returns the port."""
+        """Bind and start answering (health NOT_SERVING until `set_engine`); returns the port.
+        OSError, naming the address, when a port cannot be bound; nothing is left running then."""
+        opts = self.options
+        if opts.metrics_port is not None:  # first: a busy port fails before anything else runs
+            try:
+                self.metrics_port = self.metrics.serve_http(opts.metrics_port, opts.host)
+            except OSError as e:
+                raise OSError(f"cannot serve metrics on {opts.host}:{opts.metrics_port} (--metrics-port): "
+                              f"{e.strerror or e}") from None
+        try:
+            self.server, self.port = await self._start_grpc()
+        except BaseException:
+            self.metrics.close()
+            raise
+        return self.port
+
+    async def _start_grpc(self) -> tuple[grpc.aio.Server, int]:
         opts = self.options
         interceptors = [ApiKeyInterceptor(opts.api_keys)] if opts.api_keys else []
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", int(opts.reuse_port))])
@@ -107,16 +122,13 @@ class EngineServer:
         try:
             if opts.tls_cert:
                 creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
-                self.port = server.add_secure_port(opts.address, creds)
+                port = server.add_secure_port(opts.address, creds)
             else:
-                self.port = server.add_insecure_port(opts.address)
+                port = server.add_insecure_port(opts.address)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {opts.address}: {e} (is the port in use?)") from None
         await server.start()
-        self.server = server
-        if opts.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(opts.metrics_port, opts.host)
-        return self.port
+        return server, port
 
     async def set_engine(self, engine: StreamingEngine) -> None:
         self.servicer.engine = engine
@@ -151,112 +163,28 @@ class EngineServer:
             await asyncio.to_thread(s.engine.shutdown)
         return aborted
 
-
-def _load_in_thread(config: EngineConfig, progress: bool, engine_process: bool,
-                    num_clients: int = 1) -> tuple[asyncio.Future, threading.Thread]:
-    """Build the engine (load + compile) on a daemon thread; the loop stays responsive."""
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-
-    def work():
-        try:
-            if engine_process:
-                from jaxengine.engine.engine_process import EngineProcess
-
-                result = EngineProcess(config, progress=progress, num_clients=num_clients)
-            else:
-                from jaxengine.engine.data_parallel import make_engine
-
-                result = AsyncEngine(make_engine(config, progress=progress))
-        except BaseException as e:  # noqa: BLE001 - handed to the loop
-            # Bound now: Python unbinds `e` when the except block ends, before the loop runs this.
-            loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
-        else:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
-
-    thread = threading.Thread(target=work, name="jaxengine-load", daemon=True)
-    thread.start()
-    return fut, thread
-
-
-async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool = True, engine_process: bool = False,
-                api_server_count: int = 1) -> int:
-    """Run a server until SIGTERM/SIGINT; returns the exit code. `engine_process`: run the
-    engine in a child process (`EngineProcess`) instead of a thread of this one;
-    `api_server_count` > 1 (needs it): that many front-end processes share the port
-    (serving/frontends.py)."""
-    if api_server_count < 1 or (api_server_count > 1 and not engine_process):
-        raise ValueError(f"api_server_count must be 1, or more with the engine in its own process; got {api_server_count}")
-    if api_server_count > 1:
-        options = dataclasses.replace(options, reuse_port=True)
-    server = EngineServer(options)
-    try:
-        port = await server.start()
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    scheme = "grpcs" if options.tls_cert else "grpc"
-    print(f"jaxengine: loading {options.model_name} (health NOT_SERVING on {options.host}:{port} until ready)",
-          file=sys.stderr, flush=True)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    frontends = None  # the FrontendProcesses, once started
-
-    def on_signal(signame: str):
-        if stop.is_set():
-            print(f"jaxengine: {signame} again: aborting in-flight requests now", file=sys.stderr, flush=True)
-            server.skip_drain_wait()
-        if frontends is not None:
-            frontends.terminate()  # they drain (or, the second time, abort) their own calls
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-    try:
-        load, _thread = _load_in_thread(config, progress, engine_process, api_server_count)
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([load, stopper], return_when=asyncio.FIRST_COMPLETED)
-        if not load.done():  # told to stop while loading: nothing is in flight
-            print("jaxengine: stopped before the model was ready", file=sys.stderr, flush=True)
-            await server.drain(0)
-            return 0
-        if load.exception() is not None:
-            e = load.exception()
-            print(f"error: could not load the model: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            await server.drain(0)
-            return 1
-        engine = load.result()
-        if api_server_count > 1:
-            from serving.frontends import FrontendProcesses
-
-            try:
-                frontends = await asyncio.to_thread(FrontendProcesses, dataclasses.replace(options, port=port),
-                                                    engine.client_connections)
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                await server.drain(0)
-                return 1
-            server.metrics.add_source(frontends.metrics)
-            if stop.is_set():
-                frontends.terminate()
-        await server.set_engine(engine)
-        extra = f", metrics on http://{options.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-        extra += f", {api_server_count} front-end processes" if api_server_count > 1 else ""
-        print(f"jaxengine: serving {options.model_name} ({SERVICE_NAME}) on {scheme}://{options.host}:{port}{extra}",
-              flush=True)
-        await stopper
-        print(f"jaxengine: draining (up to {options.drain_timeout:g}s for in-flight requests)", file=sys.stderr, flush=True)
-        aborted = await server.drain(shutdown_engine=frontends is None)
-        if frontends is not None:
-            codes = await asyncio.to_thread(frontends.join, options.drain_timeout + 30)
-            if any(codes):
-                print(f"jaxengine: front-end exit codes {codes}", file=sys.stderr, flush=True)
-            await asyncio.to_thread(engine.shutdown)
-        print(f"jaxengine: stopped ({aborted} requests aborted)", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    async def fail(self, reason: str, *, linger: float = 2.0) -> None:
+        """Something the server cannot serve without has died (`reason` names it): health
+        NOT_SERVING now, new calls UNAVAILABLE, and every call in flight ends UNAVAILABLE
+        (the engine cannot finish it; a client retries elsewhere). Health keeps answering
+        NOT_SERVING for `linger` seconds, so health checkers see it before the port closes;
+        then the server stops."""
+        s, loop = self.servicer, asyncio.get_running_loop()
+        s.failure = reason
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if s.engine is not None and not s.engine.is_dead:
+            for rid in list(s.active):  # each call ends at its next output, which comes within a step
+                s.engine.abort(rid)
+        end = loop.time() + max(linger, 10.0)
+        linger_end = loop.time() + linger
+        while (s.active and loop.time() < end) or loop.time() < linger_end:
+            await asyncio.sleep(0.02)
+        if s.active:
+            log.warning("%d calls still open after the failure; the server stops anyway", len(s.active))
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        self.metrics.close()
 
 
 class BackgroundServer:

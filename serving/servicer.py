@@ -6,8 +6,12 @@ chat-template and Tokenize work runs on the engine thread (or process) through `
 an engine process, `generate` tokenizes a text prompt on this loop (as vLLM's API server
 does): milliseconds for long prompts, and never on the engine's step loop. Status codes:
 
-- UNAVAILABLE: the model is still loading, or the server is draining;
-- INVALID_ARGUMENT: the request can never run (message names the field and the limit);
+- UNAVAILABLE: the model is still loading, the server is draining, or the engine (or another
+  process the server needs) has died: calls in flight then end UNAVAILABLE too
+  (`EngineServer.fail`);
+- INVALID_ARGUMENT: the request can never run (message names the field and the limit): what
+  the engine rejects with ValueError or TypeError, a chat request to a model without a chat
+  template (the message says to pass `--chat-template`);
 - RESOURCE_EXHAUSTED: more than `max_queue` requests are waiting for their first step;
 - FAILED_PRECONDITION: text / chat asked of a model without a tokenizer;
 - INTERNAL: the engine failed this request (other requests keep running).
@@ -29,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from jaxengine.engine.async_engine import EngineDeadError, StreamingEngine
+from jaxengine.engine.tokenizer import apply_chat_template
 from jaxengine.outputs import RequestOutput
 from serving import conversion
 from serving.generated import engine_pb2 as pb
@@ -38,6 +43,8 @@ from serving.metrics import ServingMetrics
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngineService"].full_name
+# serving/watchdog.py polls every 50 ms and waits up to 1 s for a dead child's exit status.
+_NAME_THE_DEATH_SECONDS = 2.0
 
 
 # Run on the engine (its thread, or its process: so module-level functions, not lambdas).
@@ -45,8 +52,10 @@ def _tokenize(engine, text: str) -> list[int]:
     return engine.tokenize(text)
 
 
-def _chat_token_ids(engine, messages: list[dict]) -> list[int]:
-    return engine.chat_token_ids(messages)
+def _chat_token_ids(engine, messages: list[dict], chat_template: str | None) -> list[int]:
+    if chat_template is None:
+        return engine.chat_token_ids(messages)
+    return apply_chat_template(engine.tokenizer, messages, chat_template=chat_template)
 
 
 def _decode(engine, ids: list[int], skip_special_tokens: bool) -> str:
@@ -99,12 +108,15 @@ def add_to_server(servicer: "EngineServicer", server: grpc.aio.Server) -> None:
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
-    def __init__(self, model_name: str, *, max_queue: int | None = None, metrics: ServingMetrics | None = None):
+    def __init__(self, model_name: str, *, max_queue: int | None = None, metrics: ServingMetrics | None = None,
+                 chat_template: str | None = None):
         self.engine: StreamingEngine | None = None  # set once loaded and compiled
         self.model_name = model_name
         self.max_queue = max_queue
         self.metrics = metrics
+        self.chat_template = chat_template  # None: the tokenizer's
         self.draining = False
+        self.failure: str | None = None  # what died, once the server cannot serve any more
         self.active: set[str] = set()  # request ids of calls in flight
         self.num_pending = 0  # accepted calls whose request has not produced anything yet
         self._ids = itertools.count()
@@ -113,18 +125,40 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     # ------------------------------------------------------------------ helpers
 
     def _ready_engine(self) -> StreamingEngine:
+        if self.failure is not None or (self.engine is not None and self.engine.is_dead):
+            raise self._unavailable()
         if self.draining:
             raise _Failure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         if self.engine is None:
             raise _Failure(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health reports SERVING")
         return self.engine
 
+    def _unavailable(self) -> _Failure:
+        if self.failure is not None:
+            what = f"the server cannot serve any more: {self.failure}"
+        else:
+            what = "the server is shutting down" if self.draining else "the engine has stopped"
+        return _Failure(grpc.StatusCode.UNAVAILABLE, f"{what}; retry on another replica")
+
+    async def _engine_gone(self) -> _Failure:
+        """UNAVAILABLE for a call whose engine has died. The streams learn it first (their
+        connection closes), the server's watchdog a moment later: wait for it to name what
+        died, so the client's message says so."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + _NAME_THE_DEATH_SECONDS
+        while self.failure is None and not self.draining and loop.time() < end:
+            await asyncio.sleep(0.02)
+        return self._unavailable()
+
     async def _on_engine(self, fn, *args):
-        """Run fn(engine, *args) on the engine thread; ValueError -> INVALID_ARGUMENT."""
+        """Run fn(engine, *args) on the engine thread; ValueError -> INVALID_ARGUMENT, the
+        engine gone -> UNAVAILABLE."""
         try:
             return await asyncio.wrap_future(self._ready_engine().call(fn, *args))
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except EngineDeadError:
+            raise await self._engine_gone() from None
 
     def _need_tokenizer(self, what: str) -> None:
         if self._ready_engine().engine.tokenizer is None:
@@ -137,7 +171,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             return value
         if kind == "chat":
             self._need_tokenizer("chat messages")
-            return await self._on_engine(_chat_token_ids, value)
+            return await self._on_engine(_chat_token_ids, value, self.chat_template)
         return value
 
     # ------------------------------------------------------------------ Generate
@@ -150,7 +184,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 rid = conversion.request_id(request)
                 params = conversion.sampling_params(request.sampling_params)
                 prompt = await self._prompt(request)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             if self.max_queue is not None and self.num_pending >= self.max_queue:
                 raise _Failure(
@@ -172,6 +206,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 num_tokens = 0
                 finished: set[int] = set()
                 async for out in stream:
+                    if self.failure is not None:  # aborted by `EngineServer.fail`: not a finish
+                        raise self._unavailable()
                     started = True
                     if pending:
                         pending = False
@@ -181,10 +217,15 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     if self.metrics is not None:
                         last = self._record(out, n, num_tokens, last)
                     yield resp
-        except ValueError as e:
+        except _Failure as f:
+            failure = f
+        except (ValueError, TypeError) as e:
             failure = _Failure(grpc.StatusCode.INVALID_ARGUMENT if not started else grpc.StatusCode.INTERNAL, str(e))
         except EngineDeadError as e:
-            failure = _Failure(grpc.StatusCode.INTERNAL, f"the engine failed this request: {e}")
+            if self.failure is not None or self.draining or engine.is_dead:  # the engine is gone, not this request
+                failure = await self._engine_gone()
+            else:
+                failure = _Failure(grpc.StatusCode.INTERNAL, f"the engine failed this request: {e}")
         except Exception as e:  # noqa: BLE001 - one call fails, the server goes on
             log.exception("request %s failed", rid)
             failure = _Failure(grpc.StatusCode.INTERNAL, f"request {rid} failed in the server: {type(e).__name__}: {e}")
@@ -236,8 +277,10 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             except ValueError as e:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             self._need_tokenizer("text" if kind == "text" else "chat messages")
-            fn = _tokenize if kind == "text" else _chat_token_ids
-            ids = await self._on_engine(fn, value)
+            if kind == "text":
+                ids = await self._on_engine(_tokenize, value)
+            else:
+                ids = await self._on_engine(_chat_token_ids, value, self.chat_template)
             return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.engine.max_model_len)
         except _Failure as f:
             await context.abort(f.code, f.message)
@@ -269,5 +312,5 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             dtype=str(e.dtype), vocab_size=e.model_config.vocab_size,
             tensor_parallel_size=int(getattr(e.config, "tensor_parallel_size", 1) or 1),
             block_size=e.config.block_size, num_kv_blocks=e.num_blocks, has_tokenizer=tok is not None,
-            has_chat_template=bool(getattr(tok, "chat_template", None)),
+            has_chat_template=tok is not None and bool(self.chat_template or tok.chat_template),
         )

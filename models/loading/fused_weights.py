@@ -5,7 +5,7 @@ matmul over one weight. Left as separate weights, XLA merged them itself into on
 that concatenates the weights on the fly, and that GEMM was slow: on an H200 (8B, decode
 steps of 256 tokens) q/k/v took 52.6 us a layer (245 TFLOP/s) and, at TP 2, gate/up 75.7 us
 where TP 1's two cuBLAS GEMMs over twice the columns took 45 us each. Fused here, a decode
-step went from 10.62 to 10.14 ms at TP 1 and from 8.42 to 7.13 ms at TP 2 (RESULTS.md, session 12).
+step went from 10.62 to 10.14 ms at TP 1 and from 8.42 to 7.13 ms at TP 2.
 
 Layout: [lead, parts, *inner]. The lead axis is the one tensor parallelism splits and axis 1
 holds the parts side by side, so a shard of the lead axis holds whole groups:

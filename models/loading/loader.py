@@ -21,7 +21,14 @@ from models.loading import fused_weights
 from models.config import ModelConfig
 from models.llama.model import CausalLM
 from models.sharding import check_divisible, param_sharding
-from models.loading.safetensors import SafetensorsCheckpoint, save_safetensors
+from models.loading.safetensors import CheckpointError, SafetensorsCheckpoint, save_safetensors
+
+
+class MissingWeightError(CheckpointError, KeyError):
+    """A weight the config.json calls for that no weight file holds (a KeyError too: a name
+    looked up and not found)."""
+
+    __str__ = CheckpointError.__str__  # the message, not KeyError's quoted repr of it
 
 
 def abstract_model(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> CausalLM:
@@ -56,11 +63,12 @@ def load_model(
         shape = var.get_value().shape
         for source, source_shape in fused_weights.source_shapes(name, shape).items():
             if source not in ckpt:
-                raise KeyError(f"weight {source!r} is missing from the checkpoint in {model_dir}")
+                raise MissingWeightError(f"weight {source!r} is missing from the checkpoint in {model_dir} "
+                                         "(its config.json calls for it)")
             if ckpt.shape(source) != source_shape:
-                raise ValueError(
-                    f"weight {source!r} has shape {ckpt.shape(source)} in the checkpoint, "
-                    f"expected {source_shape} from config.json"
+                raise CheckpointError(
+                    f"weight {source!r} has shape {ckpt.shape(source)} in the checkpoint in {model_dir}, "
+                    f"expected {source_shape} from its config.json"
                 )
 
         def block(index=None, name=name, shape=shape) -> np.ndarray:

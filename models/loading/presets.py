@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig, RopeScaling
+from models.config import ModelConfig, ModelNotFoundError, RopeScaling
 from models.llama.model import CausalLM
 from models.sharding import check_divisible, state_shardings
 
@@ -55,8 +55,23 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def model_config(model: str) -> ModelConfig:
+    """What a `model` argument names: a preset's shape, or a checkpoint directory's
+    config.json. Anything else raises ModelNotFoundError listing the presets, so a typo in a
+    preset name reads as one."""
+    if model in PRESETS:
+        return PRESETS[model]
+    try:
+        return ModelConfig.from_pretrained(model)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(
+            f"model {model!r} is neither a checkpoint directory (no such directory) nor a preset; "
+            f"presets: {', '.join(PRESETS)}"
+        ) from None
 
 
 def _fill(kind: str, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:

@@ -70,6 +70,41 @@ def test_invalid_field_is_invalid_argument(stub, req, words):
         assert w in e.value.details(), (w, e.value.details())
 
 
+def _python_api_error(engine, prompt) -> str | None:  # runs on the engine thread
+    from jaxengine import SamplingParams
+
+    try:
+        engine.add_request(prompt, SamplingParams(max_tokens=2), request_id="python-api-empty")
+    except ValueError as e:
+        return str(e)
+    engine.abort_request("python-api-empty")
+    return None
+
+
+@pytest.mark.parametrize("req,prompt", [(request(""), ""), (pb.GenerateRequest(token_ids=pb.TokenIds()), [])],
+                         ids=["text", "token-ids"])
+def test_empty_prompt_rejected_over_grpc_as_in_the_python_api(stub, async_engine, req, prompt):
+    """One rule for an empty prompt: ValueError from the Python API, INVALID_ARGUMENT over gRPC."""
+    with pytest.raises(grpc.RpcError) as e:
+        collect(stub, req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty" in e.value.details()
+    python = async_engine.call(_python_api_error, prompt).result(timeout=30)
+    assert python is not None and "empty" in python
+
+
+def test_n_above_max_n_is_invalid_argument(stub, async_engine):
+    max_n = async_engine.engine.config.max_n
+    with pytest.raises(grpc.RpcError) as e:
+        collect(stub, request("hi", n=max_n + 1, max_tokens=1), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "max_n" in e.value.details() and str(max_n) in e.value.details(), e.value.details()
+    # At the cap it runs.
+    _, ok = collect(stub, request("hi", n=max_n, max_tokens=1, ignore_eos=True), timeout=120)
+    assert len(ok.completions) == max_n and all(c.finish_reason == "length" for c in ok.completions)
+    assert wait_idle(async_engine)["used_blocks"] == 0
+
+
 def test_server_keeps_serving_after_bad_input(stub, async_engine):
     for _, req, _ in BAD[:5]:
         with pytest.raises(grpc.RpcError):

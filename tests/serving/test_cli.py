@@ -1,9 +1,14 @@
-"""`jaxengine generate` as a user runs it: a real process on the shipped model."""
+"""`jaxengine generate` (and the flags it shares with `client`) as a user runs it: a real
+process on the shipped model, against the Python API on the same model; and `import
+jaxengine` in an interpreter without torch, which must print no "PyTorch was not found"."""
 
 import subprocess
 import sys
 
+import pytest
+
 from jaxengine import LLM, SamplingParams
+from serving.cli import ECHO_CHARS
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -21,3 +26,78 @@ def test_generate_rejects_bad_sampling_parameter():
     proc = _run("generate", "x", "--temperature", "-1", "--quiet")
     assert proc.returncode == 2
     assert "temperature must be" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- --n, --seed, defaults, echo
+
+@pytest.fixture(scope="module")
+def default_llm():
+    return LLM(progress=False)
+
+
+def test_generate_n_samples_with_a_seed(default_llm):
+    proc = _run("generate", "def parse(line):", "--n", "3", "--seed", "7", "--temperature", "1.0",
+                "--max-tokens", "8", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    want = default_llm.generate("def parse(line):", SamplingParams(n=3, seed=7, temperature=1.0, max_tokens=8))[0]
+    expected = "".join(f"--- sample {i + 1} of 3 ---\ndef parse(line):{o.text}\n" for i, o in enumerate(want.outputs))
+    assert proc.stdout == expected
+    # The seed is the request's: another seed, other samples; the same seed, the same ones.
+    other = default_llm.generate("def parse(line):", SamplingParams(n=3, seed=8, temperature=1.0, max_tokens=8))[0]
+    assert [o.text for o in other.outputs] != [o.text for o in want.outputs]
+
+
+def test_generate_defaults_to_greedy_and_echoes_only_the_end_of_a_long_prompt(default_llm):
+    prompt = "".join(f"x{i} = {i}\n" for i in range(120))  # ~1100 characters
+    proc = _run("generate", prompt, "--max-tokens", "6", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    greedy = default_llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0.0))[0].outputs[0].text
+    assert proc.stdout == "..." + prompt[-ECHO_CHARS:] + greedy + "\n"
+
+
+def test_generate_and_client_share_sampling_flags_and_defaults():
+    from serving.cli import build_parser
+
+    def sampling(command: str) -> dict:
+        args = vars(build_parser().parse_args([command, "x"]))
+        return {k: args[k] for k in ("n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
+
+    assert sampling("generate") == sampling("client") == dict(n=1, max_tokens=128, temperature=0.0, top_p=1.0,
+                                                              top_k=-1, seed=None, stop=None)
+
+
+def test_help_says_what_seed_means():
+    gen, srv, cli = (_run(cmd, "--help").stdout for cmd in ("generate", "serve", "client"))
+    assert "SamplingParams.seed" in " ".join(gen.split()) and "SamplingParams.seed" in " ".join(cli.split())
+    assert "requests that bring no seed" in " ".join(srv.split())
+    assert "--sampling-seed" not in gen + srv + cli
+    assert "--chat-template" in srv and "--n N" in gen and "--n N" in cli
+
+
+def test_generate_rejects_n_zero():
+    proc = _run("generate", "x", "--n", "0", "--quiet")
+    assert proc.returncode == 2 and "n must be" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- no torch, no banner
+
+# Python with torch made unimportable, as in a venv without it: find_spec("torch") is None.
+_NO_TORCH = "import sys; sys.modules['torch'] = None\n"
+
+
+def test_no_pytorch_banner_without_torch():
+    load = (_NO_TORCH + "import jaxengine\nfrom jaxengine.config import default_model_dir\n"
+            "from jaxengine.engine.tokenizer import load_tokenizer\n"
+            "print(load_tokenizer(default_model_dir()).encode('def f():'))\n")
+    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "PyTorch was not found" not in proc.stderr, proc.stderr
+    # The same interpreter without jaxengine does print it: the check above can fail.
+    bare = subprocess.run([sys.executable, "-c", _NO_TORCH + "import transformers"], capture_output=True, text=True,
+                          timeout=120)
+    assert "PyTorch was not found" in bare.stderr
+    # Only that line is dropped: transformers' other warnings still reach the user.
+    other = (_NO_TORCH + "import jaxengine.engine.tokenizer\nimport transformers\n"
+             "transformers.utils.logging.get_logger('transformers').warning('another warning')\n")
+    proc = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, timeout=120)
+    assert "another warning" in proc.stderr and "PyTorch was not found" not in proc.stderr, proc.stderr

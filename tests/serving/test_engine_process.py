@@ -197,7 +197,7 @@ def test_stream_interval_across_the_process(engine_process, tiny_model):
 
 
 def _steps(engine) -> int:
-    return engine.timing["steps"]
+    return engine.timing.steps
 
 
 def test_stop_string_matched_in_the_client_stops_the_engine(engine_process, tiny_model):
@@ -281,7 +281,7 @@ def test_a_failure_starting_outputs_fails_the_add_and_the_engine_drops_it(engine
 
 
 def _multi_step_runs(engine) -> int:
-    return engine.timing["multi_step_runs"]
+    return engine.timing.multi_step_runs
 
 
 def test_multi_step_decode_across_the_process(tiny_model, want):

@@ -233,7 +233,7 @@ def test_engine_step_failure_fails_calls_in_flight_then_recovers(stub, async_eng
     state = {"failed": False}
 
     def step():
-        if not state["failed"] and "doomed" in engine._requests:
+        if not state["failed"] and "doomed" in engine.requests:
             state["failed"] = True
             raise RuntimeError("device fell over")
         return real()

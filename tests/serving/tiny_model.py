@@ -18,7 +18,7 @@ CORPUS = [
 ]
 
 
-def write_tiny_model(path: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+def write_tiny_model(path: str | Path, *, vocab_size: int = 512, seed: int = 0, chat_template: bool = True) -> Path:
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,7 +31,8 @@ def write_tiny_model(path: str | Path, *, vocab_size: int = 512, seed: int = 0) 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 20, trainer)
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE if chat_template else None,
     )
     fast.save_pretrained(path)
     torch.manual_seed(seed)
