@@ -7,9 +7,10 @@ request that brings no seed of its own draws one (vLLM's --seed; also a preset's
 weights). Unset, `generate` leaves requests unseeded: they draw from the engine's source,
 seeded 0, so a run is still repeatable.
 
-Sampling defaults are the same in `generate` and `client`: greedy (temperature 0), so both
-print the same text for the same prompt and model; the model card's sampling is an explicit
-`--temperature 0.7 --top-p 0.95`.
+Sampling defaults are the same in `generate` and `client`, as in vLLM: a flag left unset
+takes the model's generation_config.json value (`--generation-config auto`, read by
+`generate`, or by `serve` for its clients), else SamplingParams' default (temperature 1.0).
+`--generation-config vllm` ignores the file; `--temperature 0` is greedy.
 
 Errors are one `error: ...` line on stderr, no traceback: exit code 2 for a bad argument or
 prompt, 1 for a model that cannot be loaded (its message names the file and what is wrong)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 ECHO_CHARS = 200  # `generate` echoes at most this much of a prompt: its end, which the completion continues
 
@@ -46,6 +48,27 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tensor parallel: steps of at least this many tokens split the residual stream by token")
     g.add_argument("--prefill-attention-body", default="auto", choices=["auto", "mosaic", "triton"],
                    help="attention kernel for prefill tokens (auto: Mosaic GPU on Hopper, Triton elsewhere)")
+
+
+def _add_generation_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generation-config", default="auto",
+                   help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' (none: "
+                        "SamplingParams' own), or a folder holding a generation_config.json")
+
+
+def sampling_defaults(args: argparse.Namespace) -> dict:
+    """The sampling fields requests leave unset take (vLLM's --generation-config)."""
+    from jaxengine.config import default_model_dir
+    from models.loading.generation_config import sampling_defaults as read
+
+    if args.generation_config == "vllm":
+        return {}
+    if args.generation_config == "auto":
+        return read(args.model or default_model_dir())
+    if not (Path(args.generation_config) / "generation_config.json").is_file():
+        raise ValueError(f"--generation-config {args.generation_config}: no generation_config.json there "
+                         "(pass a folder holding one, 'auto' or 'vllm')")
+    return read(args.generation_config)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -102,11 +125,19 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, seed_help: str) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=1, help="samples per prompt (SamplingParams.n)")
     g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
+    unset = "default: the model's generation_config.json, else SamplingParams' "
+    g.add_argument("--temperature", type=float, default=None, help=unset + "(1.0); 0 is greedy")
+    g.add_argument("--top-p", type=float, default=None, help=unset + "(1.0)")
+    g.add_argument("--top-k", type=int, default=None, help=unset + "(-1: off)")
     g.add_argument("--seed", type=int, default=None, help=seed_help)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _sampling_flags(args: argparse.Namespace) -> dict:
+    """The sampling flags given on the command line (unset ones are left to the defaults)."""
+    flags = dict(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, seed=args.seed)
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -114,10 +145,7 @@ def _generate(args: argparse.Namespace) -> int:
     from jaxengine.sampling_params import SamplingParams
 
     try:
-        params = SamplingParams(
-            n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            seed=args.seed, stop=args.stop or None,
-        )
+        params = SamplingParams(**sampling_defaults(args) | _sampling_flags(args), stop=args.stop or None)
     except ValueError as e:
         return _error(str(e), 2)
     problem = _check_model(args.model) or _check_tokenizer(args.model, args.tokenizer)
@@ -196,6 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host, port=args.port, model_name=args.served_model_name or args.model or "default",
             api_keys=keys, tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
             max_queue=args.max_queue, drain_timeout=args.drain_timeout, chat_template=chat_template,
+            sampling_defaults=sampling_defaults(args),
         )
         config = EngineConfig.from_kwargs(args.model, **kwargs)
     except ValueError as e:
@@ -211,10 +240,7 @@ def _client(args: argparse.Namespace) -> int:
     from serving.client import Client
 
     root = open(args.tls_ca, "rb").read() if args.tls_ca else None
-    sampling = dict(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k)
-    if args.seed is not None:
-        sampling["seed"] = args.seed
+    sampling = _sampling_flags(args)  # unset ones: the server's defaults
     if args.stop:
         sampling["stop"] = args.stop
     prompt = dict(messages=[{"role": "user", "content": args.prompt}]) if args.chat else dict(prompt=args.prompt)
@@ -246,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "drawn from the engine's source seeded 0, so a run repeats")
     gen.add_argument("--quiet", action="store_true", help="no compile progress bar")
     _add_engine_args(gen)
+    _add_generation_config_arg(gen)
 
     srv = sub.add_parser("serve", help="serve the model over gRPC (jaxengine.v1.EngineService)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -277,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-processes", type=int, default=1)
     srv.add_argument("--process-id", type=int, default=0, help="0 serves; the others follow its steps")
     _add_engine_args(srv)
+    _add_generation_config_arg(srv)
 
     cli = sub.add_parser("client", help="send one prompt to a running server and print the completion")
     cli.add_argument("prompt")

@@ -9,6 +9,9 @@ ValueError with a message a client can act on; the servicer maps it to INVALID_A
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from jaxengine.outputs import CompletionOutput, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 from serving.generated import engine_pb2 as pb
@@ -27,8 +30,9 @@ FINISH_REASONS = {
 }
 
 
-def sampling_params(p: pb.SamplingParams) -> SamplingParams:
-    kw: dict = {name: getattr(p, name) for name in _OPTIONAL if p.HasField(name)}
+def sampling_params(p: pb.SamplingParams, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    """`defaults` (the model's generation_config sampling fields) fill the fields `p` leaves unset."""
+    kw: dict = {**(defaults or {}), **{name: getattr(p, name) for name in _OPTIONAL if p.HasField(name)}}
     kw.update(
         stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), include_stop_str_in_output=p.include_stop_str_in_output,
         ignore_eos=p.ignore_eos, min_tokens=p.min_tokens, logit_bias=dict(p.logit_bias),

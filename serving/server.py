@@ -43,6 +43,9 @@ class ServeOptions:
     drain_timeout: float = 30.0
     # A Jinja chat template for chat requests, instead of the tokenizer's (--chat-template).
     chat_template: str | None = None
+    # What a request's unset sampling fields take (the model's generation_config.json; vLLM's
+    # --generation-config); SamplingParams' own defaults for fields not in it.
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
     # Let other front-end processes listen on this port too (serving/frontends.py). Off by
     # default: a second server on a busy port must fail, not share it silently.
     reuse_port: bool = False
@@ -70,7 +73,7 @@ class EngineServer:
         self.options = options
         self.metrics = ServingMetrics(options.model_name, self._stats)
         self.servicer = EngineServicer(options.model_name, max_queue=options.max_queue, metrics=self.metrics,
-                                       chat_template=options.chat_template)
+                                       chat_template=options.chat_template, sampling_defaults=options.sampling_defaults)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None

@@ -109,12 +109,13 @@ def add_to_server(servicer: "EngineServicer", server: grpc.aio.Server) -> None:
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, model_name: str, *, max_queue: int | None = None, metrics: ServingMetrics | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, sampling_defaults: dict | None = None):
         self.engine: StreamingEngine | None = None  # set once loaded and compiled
         self.model_name = model_name
         self.max_queue = max_queue
         self.metrics = metrics
         self.chat_template = chat_template  # None: the tokenizer's
+        self.sampling_defaults = sampling_defaults or {}  # for the fields a request leaves unset
         self.draining = False
         self.failure: str | None = None  # what died, once the server cannot serve any more
         self.active: set[str] = set()  # request ids of calls in flight
@@ -182,7 +183,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             engine = self._ready_engine()
             try:
                 rid = conversion.request_id(request)
-                params = conversion.sampling_params(request.sampling_params)
+                params = conversion.sampling_params(request.sampling_params, self.sampling_defaults)
                 prompt = await self._prompt(request)
             except (ValueError, TypeError) as e:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None

@@ -170,13 +170,19 @@ def greedy_samples(graphdef, params, tok, prompts: list[str], new_tokens: int, e
     return out
 
 
+# The model has never seen a conversation: system / user / tool messages become comment
+# lines and assistant messages plain code, after the BOS it was trained on, so a chat
+# request reads as a comment the code continues (the model card's "Chat template").
+CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] }}{{ '\\n' }}{% else %}{% for line in message['content'].split('\\n') %}{{ ('# ' + line) if line else '#' }}{{ '\\n' }}{% endfor %}{% endif %}{% endfor %}"
+
+
 def write_tokenizer_files(tok, out: Path, special: str, max_len: int) -> None:
     tok.save(str(out / "tokenizer.json"))
     specials = {"bos_token": special, "eos_token": special, "pad_token": special}
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", **specials, "unk_token": None,
         "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-        "add_prefix_space": False,
+        "add_prefix_space": False, "chat_template": CHAT_TEMPLATE,
     }, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 

@@ -12,7 +12,9 @@ import grpc
 import pytest
 
 from jaxengine import LLM, SamplingParams
+from jaxengine.config import default_model_dir
 from jaxengine.engine.tokenizer import apply_chat_template, load_chat_template, load_tokenizer
+from models.loading.generation_config import sampling_defaults
 from serving.generated import engine_pb2 as pb
 from serving.generated import engine_pb2_grpc
 from tests.serving.conftest import collect, request
@@ -31,8 +33,8 @@ def test_client_chat_against_the_shipped_model():
     srv = ServeProcess("--max-model-len", "512", "--num-kv-blocks", "128", engine=False)
     try:
         srv.wait_ready()
-        chat = _client(srv.address, QUESTION, "--chat", "--max-tokens", "16")
-        plain = _client(srv.address, "def fibonacci(n):", "--max-tokens", "12")
+        chat = _client(srv.address, QUESTION, "--chat", "--max-tokens", "16", "--temperature", "0")
+        plain = _client(srv.address, "def fibonacci(n):", "--max-tokens", "12", "--seed", "5")
     finally:
         srv.close()
     llm = LLM(progress=False, max_model_len=512)
@@ -42,10 +44,13 @@ def test_client_chat_against_the_shipped_model():
     assert chat.stdout == want_chat.outputs[0].text + "\n"
     # The template renders the request as a Python comment after the BOS the model was trained on.
     assert llm.tokenizer.decode(want_chat.prompt_token_ids) == "<|endoftext|># " + QUESTION + "\n"
-    # `client` without --temperature is greedy, as `generate` is (tests/serving/test_cli.py).
-    greedy = llm.generate("def fibonacci(n):", SamplingParams(max_tokens=12, temperature=0.0))[0].outputs[0].text
+    # `client` without sampling flags gets the model's generation_config.json sampling from the
+    # server, as `generate` does (tests/serving/test_cli.py): vLLM's --generation-config auto.
+    defaults = sampling_defaults(default_model_dir())
+    assert defaults.get("temperature", 1.0) > 0
+    sampled = llm.generate("def fibonacci(n):", SamplingParams(max_tokens=12, seed=5, **defaults))[0].outputs[0].text
     assert plain.returncode == 0, plain.stderr
-    assert plain.stdout == greedy + "\n"
+    assert plain.stdout == sampled + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +104,7 @@ def test_serve_chat_template_file(no_template_model, tmp_path):
     srv = ServeProcess("--chat-template", str(template), model=str(no_template_model))
     try:
         srv.wait_ready()
-        cli = _client(srv.address, "hi", "--chat", "--max-tokens", "5")
+        cli = _client(srv.address, "hi", "--chat", "--max-tokens", "5", "--temperature", "0")
     finally:
         srv.close()
     assert cli.returncode == 0, cli.stderr

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from jaxengine import LLM, SamplingParams
+from jaxengine.config import default_model_dir
+from models.loading.generation_config import sampling_defaults
 from serving.cli import ECHO_CHARS
 
 
@@ -47,12 +49,23 @@ def test_generate_n_samples_with_a_seed(default_llm):
     assert [o.text for o in other.outputs] != [o.text for o in want.outputs]
 
 
-def test_generate_defaults_to_greedy_and_echoes_only_the_end_of_a_long_prompt(default_llm):
+def test_generate_samples_as_the_generation_config_says_and_echoes_only_the_end_of_a_long_prompt(default_llm):
+    """Unset sampling flags take the model's generation_config.json (vLLM's --generation-config
+    auto); `--generation-config vllm` ignores it (SamplingParams' defaults)."""
     prompt = "".join(f"x{i} = {i}\n" for i in range(120))  # ~1100 characters
-    proc = _run("generate", prompt, "--max-tokens", "6", "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    greedy = default_llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0.0))[0].outputs[0].text
-    assert proc.stdout == "..." + prompt[-ECHO_CHARS:] + greedy + "\n"
+    defaults = sampling_defaults(default_model_dir())
+    assert defaults and defaults.get("temperature", 1.0) != 1.0  # the shipped model publishes its own
+    for flag, kw in (("auto", defaults), ("vllm", {})):
+        proc = _run("generate", prompt, "--max-tokens", "6", "--seed", "3", "--generation-config", flag, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        want = default_llm.generate(prompt, SamplingParams(max_tokens=6, seed=3, **kw))[0].outputs[0].text
+        assert proc.stdout == "..." + prompt[-ECHO_CHARS:] + want + "\n"
+
+
+def test_generation_config_folder_without_the_file_is_a_clear_error(tmp_path):
+    proc = _run("generate", "x", "--generation-config", str(tmp_path), "--quiet")
+    assert proc.returncode == 2
+    assert f"--generation-config {tmp_path}: no generation_config.json there" in proc.stderr
 
 
 def test_generate_and_client_share_sampling_flags_and_defaults():
@@ -62,8 +75,9 @@ def test_generate_and_client_share_sampling_flags_and_defaults():
         args = vars(build_parser().parse_args([command, "x"]))
         return {k: args[k] for k in ("n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
 
-    assert sampling("generate") == sampling("client") == dict(n=1, max_tokens=128, temperature=0.0, top_p=1.0,
-                                                              top_k=-1, seed=None, stop=None)
+    # Unset (None): the model's generation_config, applied by `generate` or by the server.
+    assert sampling("generate") == sampling("client") == dict(n=1, max_tokens=128, temperature=None, top_p=None,
+                                                              top_k=None, seed=None, stop=None)
 
 
 def test_help_says_what_seed_means():

@@ -287,7 +287,8 @@ def test_duplicate_request_id_in_flight(stub, async_engine):
 
 def test_cli_client(server, stub, offline):
     want = offline["outs"][0].outputs[0].text
-    cmd = [sys.executable, "-m", "serving.cli", "client", PROMPTS[0], "--target", server.address, "--max-tokens", "24"]
+    cmd = [sys.executable, "-m", "serving.cli", "client", PROMPTS[0], "--target", server.address, "--max-tokens", "24",
+           "--temperature", "0"]
     out = subprocess.run(cmd + ["--stream"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == want + "\n"
