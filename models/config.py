@@ -96,7 +96,7 @@ class ModelConfig:
         path = model_dir / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}: expected a Hugging Face checkpoint directory")
-        hf = _read_json(path)
+        hf = read_json(path)
         try:
             cfg = cls.from_hf_dict(hf)
         except (ValueError, TypeError, ZeroDivisionError) as e:  # a field of the wrong type or value
@@ -104,7 +104,7 @@ class ModelConfig:
         # generation_config.json may list more EOS ids (Llama 3 instruct: three); all end generation.
         gen = model_dir / "generation_config.json"
         if gen.is_file():
-            eos = _read_json(gen).get("eos_token_id")
+            eos = read_json(gen).get("eos_token_id")
             extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
             merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
             cfg = dataclasses.replace(cfg, eos_token_ids=merged)
@@ -158,7 +158,8 @@ class ModelConfig:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON object file; ModelConfigError naming the file when it is not one."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

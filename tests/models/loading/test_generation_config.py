@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from models.config import ModelConfigError
 from models.loading.generation_config import sampling_defaults
 
 
@@ -23,13 +24,13 @@ def test_no_file_or_a_preset_has_none(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("{not json", "not valid JSON"),
-    ("[0.7]", "expected a JSON object"),
+    ("{not json", "is not valid JSON"),
+    ("[0.7]", "must hold a JSON object"),
     ('{"temperature": "hot"}', "temperature must be a number, got 'hot'"),
 ])
 def test_a_bad_file_is_named(tmp_path, text, message):
     path = tmp_path / "generation_config.json"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message) as e:
+    with pytest.raises(ModelConfigError, match=message) as e:
         sampling_defaults(tmp_path)
     assert str(path) in str(e.value)
