@@ -136,10 +136,11 @@ class EngineCore:
     def tokenize(self, prompt: str) -> list[int]:
         return self.input_processor.prompt_token_ids(prompt)[1]
 
-    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+    def chat_token_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """`messages` (and the request's `tools`, if any) rendered by the tokenizer's chat template."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so chat messages cannot be rendered")
-        return apply_chat_template(self.tokenizer, messages)
+        return apply_chat_template(self.tokenizer, messages, tools=tools)
 
     def add_core_request(
         self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str, priority: int = 0,

@@ -64,8 +64,8 @@ class DataParallelEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.replicas[0].tokenize(prompt)
 
-    def chat_token_ids(self, messages: list[dict]) -> list[int]:
-        return self.replicas[0].chat_token_ids(messages)
+    def chat_token_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.replicas[0].chat_token_ids(messages, tools)
 
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, *,

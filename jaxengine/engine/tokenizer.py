@@ -5,6 +5,7 @@ Everything is local: `load_tokenizer` never touches the network.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -104,7 +105,9 @@ def eos_token_ids(tokenizer, model_eos_ids: int | Iterable[int] | None = ()) -> 
 
 
 def validate_messages(messages) -> list[dict]:
-    """Check chat messages: a non-empty list of {"role", "content"} dicts (extra keys allowed)."""
+    """Check chat messages: a non-empty list of {"role", "content"} dicts (extra keys, such as
+    an assistant's "tool_calls" or a tool result's "tool_call_id", go to the template as they
+    are). An assistant message with tool calls may have content None (OpenAI's shape)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(
             f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}"
@@ -116,28 +119,74 @@ def validate_messages(messages) -> list[dict]:
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
         missing = [k for k in ("role", "content") if k not in m]
-        if missing:
+        if missing and not (missing == ["content"] and m.get("tool_calls")):
             raise ValueError(f"messages[{i}] is missing {', '.join(repr(k) for k in missing)}: {m!r}")
         if m["role"] not in CHAT_ROLES:
             raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"messages[{i}]['content'] must be a str, got {type(m['content']).__name__}")
-        out.append(dict(m))
+        msg = dict(m)
+        if "tool_calls" in msg and msg["tool_calls"] is not None:
+            if m["role"] != "assistant":
+                raise ValueError(
+                    f"messages[{i}] has 'tool_calls' but role {m['role']!r}: only assistant messages make calls"
+                )
+            msg["tool_calls"] = _template_tool_calls(msg["tool_calls"], f"messages[{i}]['tool_calls']")
+        content = msg.setdefault("content", None)  # templates test `message.content`
+        if not isinstance(content, str) and not (content is None and msg.get("tool_calls")):
+            raise ValueError(f"messages[{i}]['content'] must be a str, got {type(content).__name__}")
+        out.append(msg)
     return out
+
+
+def _template_tool_calls(calls, where: str) -> list[dict]:
+    """An assistant's tool calls as chat templates read them: OpenAI sends each call's
+    "arguments" as JSON text, and templates (transformers' convention, followed by vLLM)
+    expect the object, so JSON text that parses to an object is parsed. Copies: the caller's
+    messages are left as they were."""
+    if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
+        raise ValueError(f"{where} must be a list of tool calls, got {type(calls).__name__}")
+    out = []
+    for j, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise ValueError(f"{where}[{j}] must be a dict, got {type(call).__name__}")
+        call = dict(call)
+        fn = call.get("function")
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                args = json.loads(fn["arguments"])
+            except ValueError:
+                args = None
+            if isinstance(args, dict):
+                call["function"] = {**fn, "arguments": args}
+        out.append(call)
+    return out
+
+
+def _validate_tools(tools) -> list[dict]:
+    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of dicts (JSON schemas of functions), got {type(tools).__name__}")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise ValueError(f"tools[{i}] must be a dict, got {type(t).__name__}")
+    return [dict(t) for t in tools]
 
 
 def apply_chat_template(
     tokenizer,
     messages,
-    *,
     chat_template: str | None = None,
+    tools: list[dict] | None = None,
+    *,
     add_generation_prompt: bool = True,
 ) -> list[int]:
     """Render `messages` with the tokenizer's chat template (or `chat_template`) to prompt ids.
 
-    The template supplies BOS and role markers itself, so no special tokens are added on top.
+    `tools` (OpenAI's request field: [{"type": "function", "function": {...}}, ...]) reaches
+    the template as its `tools` variable, as in transformers; None (no tools) renders as
+    before tools existed. The template supplies BOS and role markers itself, so no special
+    tokens are added on top.
     """
     msgs = validate_messages(messages)
+    tool_list = None if tools is None else _validate_tools(tools)
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
@@ -149,6 +198,7 @@ def apply_chat_template(
         )
     out = tokenizer.apply_chat_template(
         msgs,
+        tools=tool_list,
         chat_template=template,
         add_generation_prompt=add_generation_prompt,
         tokenize=True,
