@@ -18,18 +18,25 @@ CORPUS = [
 ]
 
 
-def write_tiny_model(path: str | Path, *, vocab_size: int = 512, seed: int = 0, chat_template: bool = True) -> Path:
-    import torch
-    import transformers
+def train_tokenizer(vocab_size: int = 512):
+    """The tiny models' byte-level BPE tokenizer (a `tokenizers.Tokenizer`), trained on CORPUS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    path = Path(path)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 20, trainer)
+    return tok
+
+
+def write_tiny_model(path: str | Path, *, vocab_size: int = 512, seed: int = 0, chat_template: bool = True) -> Path:
+    import torch
+    import transformers
+
+    path = Path(path)
+    tok = train_tokenizer(vocab_size)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         chat_template=CHAT_TEMPLATE if chat_template else None,

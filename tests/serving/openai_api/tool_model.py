@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.serving.tiny_model import CORPUS, SPECIAL
+from tests.serving.tiny_model import train_tokenizer
 
 # Hermes / Qwen 2.5 style: the tools as JSON lines inside <tools></tools> in the system turn,
 # an assistant's calls as <tool_call> blocks, tool results in a tool turn. Written as one line:
@@ -97,17 +97,12 @@ def write_tool_model(path: str | Path, script: str = DEFAULT_SCRIPT, *, vocab_si
     `path`; greedy decoding of any prompt then gives exactly `script`. Returns `path`."""
     import torch
     import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders
 
     if not script:
         raise ValueError("script must not be empty")
     path = Path(path)
-    base = Tokenizer(models.BPE())
-    base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    base.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    base.train_from_iterator(CORPUS * 20, trainer)
+    base = train_tokenizer(vocab_size)
 
     pieces = base.encode(script, add_special_tokens=False).tokens  # byte-level strings
     if len(pieces) > 0x1000:
