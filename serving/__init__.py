@@ -1,4 +1,5 @@
-"""The gRPC service in front of the engine (proto package `jaxengine.v1`).
+"""The gRPC service in front of the engine (proto package `jaxengine.v1`), and the
+OpenAI-compatible HTTP API beside it (`serving.openai_api`, same process, same engine).
 
 - `serving.launch`: `serve()`, what `jaxengine serve` runs (loading, signals, front-ends,
   the watchdog that fails the server loudly when a process it needs dies);

@@ -224,7 +224,9 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host, port=args.port, model_name=args.served_model_name or args.model or "default",
             api_keys=keys, tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
             max_queue=args.max_queue, drain_timeout=args.drain_timeout, chat_template=chat_template,
-            sampling_defaults=sampling_defaults(args),
+            sampling_defaults=sampling_defaults(args), http_port=args.http_port or None,
+            allowed_origins=_origins(args.allowed_origins), http_max_body_bytes=args.http_max_body_bytes,
+            tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
         )
         config = EngineConfig.from_kwargs(args.model, **kwargs)
     except ValueError as e:
@@ -232,6 +234,25 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     return asyncio.run(serve(options, config, progress=not args.quiet, engine_process=engine_process,
                              api_server_count=args.api_server_count))
+
+
+def _origins(values: list[str] | None) -> tuple[str, ...]:
+    """--allowed-origins, repeatable; a value may also be vLLM's JSON list ('["https://a"]')."""
+    import json
+
+    out: list[str] = []
+    for v in values or ():
+        if v.lstrip().startswith("["):
+            try:
+                parsed = json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"--allowed-origins {v!r}: not a JSON list ({e})") from None
+            if not isinstance(parsed, list) or not all(isinstance(o, str) for o in parsed):
+                raise ValueError(f"--allowed-origins {v!r}: a JSON list must hold origin strings")
+            out += parsed
+        else:
+            out.append(v)
+    return tuple(out)
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -274,16 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     _add_generation_config_arg(gen)
 
-    srv = sub.add_parser("serve", help="serve the model over gRPC (jaxengine.v1.EngineService)")
+    srv = sub.add_parser("serve", help="serve the model over gRPC (jaxengine.v1.EngineService) and HTTP (OpenAI API)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=50051, help="0: any free port (printed once ready)")
-    srv.add_argument("--served-model-name", default=None, help="name in GetModelInfo and metrics (default: --model)")
-    srv.add_argument("--api-key", action="append", help="require this key (repeatable; default: $JAXENGINE_API_KEY)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="name in GetModelInfo, /v1/models (the `model` requests send) and metrics (default: --model)")
+    srv.add_argument("--api-key", action="append",
+                     help="require this key, over gRPC and HTTP (repeatable; default: $JAXENGINE_API_KEY)")
     srv.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     srv.add_argument("--tls-key", default=None, help="PEM private key")
     srv.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     srv.add_argument("--max-queue", type=int, default=None,
-                     help="reject with RESOURCE_EXHAUSTED when this many requests wait for their first step")
+                     help="reject with RESOURCE_EXHAUSTED (HTTP 429) when this many requests wait for their first step")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight calls get after SIGTERM")
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     srv.add_argument("--seed", type=int, default=0,
@@ -299,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gRPC front-end processes sharing the port over the one engine process (vLLM's name); "
                           "one carries ~10k streamed messages/s")
     srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
+    h = srv.add_argument_group("HTTP (OpenAI-compatible API, on --host)")
+    h.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...); 0: off")
+    h.add_argument("--allowed-origins", action="append", default=None,
+                   help="CORS: an origin allowed to call the HTTP API (repeatable, or a JSON list as in vLLM; "
+                        "'*' for any); default: no CORS")
+    h.add_argument("--http-max-body-bytes", type=int, default=16 << 20,
+                   help="largest HTTP request body (413 above it; default 16 MiB)")
+    h.add_argument("--tool-call-parser", default=None,
+                   help="read tool calls out of chat outputs in this format (vLLM's names: hermes, llama3_json, ...)")
+    h.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let requests with tools use tool_choice 'auto' (vLLM's flag; needs --tool-call-parser)")
     srv.add_argument("--coordinator-address", default=None,
                      help="multi-host: HOST:PORT of process 0 (jax.distributed); run one `serve` per host")
     srv.add_argument("--num-processes", type=int, default=1)

@@ -43,7 +43,8 @@ class FrontendProcesses:
 
     def __init__(self, options: ServeOptions, connections: list, timeout: float = 120.0):
         ctx = multiprocessing.get_context("spawn")
-        opts = dataclasses.replace(options, reuse_port=True, metrics_port=None)
+        # Metrics and the HTTP API are the serving process's alone.
+        opts = dataclasses.replace(options, reuse_port=True, metrics_port=None, http_port=None)
         self._controls, self._procs = [], []
         self._lock = threading.Lock()  # the metrics HTTP server scrapes from its threads
         for i, conn in enumerate(connections, start=1):

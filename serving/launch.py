@@ -3,17 +3,20 @@ or a death ends it.
 
     jaxengine serve --model DIR [--host 127.0.0.1] [--port 50051] [--api-key KEY] ...
 
-Life cycle (`serve`): bind the port with health NOT_SERVING, load and compile the model on a
-thread (the event loop keeps answering health checks meanwhile), start the front-end
-processes if asked (serving/frontends.py), switch health to SERVING and print where it
-listens. Then one of two endings:
+Life cycle (`serve`): bind the port (and the HTTP API's, serving/openai_api/, on the same
+event loop) with health NOT_SERVING, load and compile the model on a thread (the event loop
+keeps answering health checks meanwhile), start the front-end processes if asked
+(serving/frontends.py), switch health to SERVING and print where it listens (the HTTP line
+first, then the gRPC line, which scripts read as "ready"). Then one of two endings:
 
-- SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get
-  `drain_timeout` seconds to finish, then the rest are aborted (they end with finish reason
-  ABORT), the server stops and the process exits 0. A second signal skips the wait.
+- SIGTERM/SIGINT: health NOT_SERVING (HTTP /health 503), new calls UNAVAILABLE (HTTP 503),
+  in-flight calls of both get `drain_timeout` seconds to finish, then the rest are aborted
+  (they end with finish reason ABORT), the servers stop and the process exits 0. A second
+  signal skips the wait.
 - the engine process (or thread) or a front-end process dies (serving/watchdog.py): a log
-  line names it and how it ended, health turns NOT_SERVING at once, in-flight calls end
-  UNAVAILABLE (`EngineServer.fail`), the other processes are stopped and the process exits 1.
+  line names it and how it ended, health turns NOT_SERVING (503) at once, in-flight calls end
+  UNAVAILABLE (HTTP: 503, or an error event in a stream; `EngineServer.fail`), the other
+  processes are stopped and the process exits 1.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
         print(f"error: {e}", file=sys.stderr)
         return 1
     scheme = "grpcs" if options.tls_cert else "grpc"
-    _say(f"loading {options.model_name} (health NOT_SERVING on {options.host}:{port} until ready)")
+    http = f"; HTTP /health 503 on {options.host}:{server.http_port}" if server.http_port is not None else ""
+    _say(f"loading {options.model_name} (health NOT_SERVING on {options.host}:{port} until ready{http})")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     frontends: FrontendProcesses | None = None
@@ -132,6 +136,9 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
         await server.set_engine(engine)
         extra = f", metrics on http://{options.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
         extra += f", {api_server_count} front-end processes" if api_server_count > 1 else ""
+        if server.http_port is not None:  # before the gRPC line, which tests and scripts read as "ready"
+            print(f"jaxengine: serving {options.model_name} (OpenAI API) on http://{options.host}:{server.http_port}/v1",
+                  flush=True)
         print(f"jaxengine: serving {options.model_name} ({SERVICE_NAME}) on {scheme}://{options.host}:{port}{extra}",
               flush=True)
         probes = [engine_probe(engine)] + (frontends.probes() if frontends is not None else [])

@@ -1,7 +1,7 @@
 """Prometheus metrics of the service, named like vLLM's with a `jaxengine:` prefix.
 
 Per-request metrics (tokens, latencies, finish reasons) are recorded by the servicer as
-calls progress. Engine-wide state (running / waiting requests, KV-cache usage, prefix-cache
+calls progress (gRPC calls and HTTP requests alike: `EngineServicer.record_output`). Engine-wide state (running / waiting requests, KV-cache usage, prefix-cache
 queries and hits, preemptions) is read from the engine at scrape time, on the engine
 thread (`AsyncEngine.call`), so a scrape never races a step.
 

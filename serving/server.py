@@ -1,6 +1,8 @@
 """The gRPC server: `grpc.aio` in front of the engine's streams (`AsyncEngine`, or an
 `EngineProcess` / `EngineClient`), with health, reflection, metrics, API keys, TLS, a graceful
-drain (`drain`) and a loud failure (`fail`).
+drain (`drain`) and a loud failure (`fail`). With `http_port`, the OpenAI-compatible HTTP API
+(serving/openai_api/) runs on the same event loop over the same servicer state: one engine,
+one queue limit, and drain and fail end its requests too.
 
 `EngineServer` binds the port with health NOT_SERVING and switches to SERVING at
 `set_engine`; what `jaxengine serve` runs around it (loading, signals, front-end processes,
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from jaxengine.engine.async_engine import StreamingEngine
 from serving.auth import ApiKeyInterceptor
 from serving.metrics import ServingMetrics
+from serving.openai_api.options import HttpOptions
 from serving.servicer import SERVICE_NAME, EngineServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,13 @@ class ServeOptions:
     # Let other front-end processes listen on this port too (serving/frontends.py). Off by
     # default: a second server on a busy port must fail, not share it silently.
     reuse_port: bool = False
+    # The OpenAI-compatible HTTP API (serving/openai_api/): None: off (`jaxengine serve`
+    # defaults to 8000); 0: any free port. It binds `host` and takes `api_keys` too.
+    http_port: int | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS origins; none: no CORS
+    http_max_body_bytes: int = 16 << 20
+    tool_call_parser: str | None = None  # --tool-call-parser NAME (serving/openai_api/tool_parsers)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" needs it, as in vLLM
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -57,6 +67,15 @@ class ServeOptions:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port (--http-port) must be in [0, 65535], got {self.http_port}")
+        self.http_options()  # its checks (the tool-call parser's name, ...) now, not at start
+
+    def http_options(self) -> HttpOptions:
+        return HttpOptions(host=self.host, port=self.http_port or 0, model_name=self.model_name or "default",
+                           api_keys=self.api_keys, allowed_origins=tuple(self.allowed_origins),
+                           max_body_bytes=self.http_max_body_bytes, tool_call_parser=self.tool_call_parser,
+                           enable_auto_tool_choice=self.enable_auto_tool_choice)
 
     @property
     def address(self) -> str:
@@ -78,6 +97,8 @@ class EngineServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http = None  # serving.openai_api.http_server.HttpServer, with http_port
+        self.http_port: int | None = None
         self._skip_drain_wait = asyncio.Event()
 
     @property
@@ -107,11 +128,31 @@ class EngineServer:
                 raise OSError(f"cannot serve metrics on {opts.host}:{opts.metrics_port} (--metrics-port): "
                               f"{e.strerror or e}") from None
         try:
+            if opts.http_port is not None:
+                self.http_port = self._bind_http()
             self.server, self.port = await self._start_grpc()
+            if self.http is not None:
+                await self.http.start()
         except BaseException:
             self.metrics.close()
+            if self.http is not None:
+                self.http.close()
+            if self.server is not None:
+                await self.server.stop(grace=None)
             raise
         return self.port
+
+    def _bind_http(self) -> int:
+        # Imported here: a gRPC-only server (and every --api-server-count front-end) never
+        # loads FastAPI and uvicorn.
+        from serving.openai_api.http_server import HttpServer
+
+        self.http = HttpServer(self.servicer, self.options.http_options())
+        return self.http.bind()
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
 
     async def _start_grpc(self) -> tuple[grpc.aio.Server, int]:
         opts = self.options
@@ -161,6 +202,7 @@ class EngineServer:
                 await asyncio.sleep(0.02)
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        await self._stop_http()
         self.metrics.close()
         if shutdown_engine and s.engine is not None:
             await asyncio.to_thread(s.engine.shutdown)
@@ -187,6 +229,7 @@ class EngineServer:
             log.warning("%d calls still open after the failure; the server stops anyway", len(s.active))
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        await self._stop_http()
         self.metrics.close()
 
 

@@ -18,6 +18,10 @@ does): milliseconds for long prompts, and never on the engine's step loop. Statu
 
 A cancelled call or an expired deadline cancels the handler; leaving `AsyncEngine.generate`
 aborts the request, which frees its KV blocks within a step.
+
+The HTTP API (serving/openai_api/engine_gate.py) keeps its requests in the same state
+(`active`, `num_pending`; it reads `engine`, `draining`, `failure`) and records them through
+`record_output`, so `--max-queue`, drain, fail and the metrics cover both protocols.
 """
 
 from __future__ import annotations
@@ -216,7 +220,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     resp, n = self._response(out, finished, num_tokens)
                     num_tokens += n
                     if self.metrics is not None:
-                        last = self._record(out, n, num_tokens, last)
+                        last = self.record_output(out, n, num_tokens, last)
                     yield resp
         except _Failure as f:
             failure = f
@@ -246,7 +250,10 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             conversion.final_fields(resp, out, num_tokens + n)
         return resp, n
 
-    def _record(self, out: RequestOutput, n: int, total: int, last: float | None) -> float | None:
+    def record_output(self, out: RequestOutput, n: int, total: int, last: float | None) -> float | None:
+        """Per-request metrics for one output of `n` new tokens (`total` so far, this one's
+        included); `last`: when the previous tokens came (returned updated). The HTTP API
+        records its requests here too."""
         m, now = self.metrics, time.monotonic()
         if total == n and n:  # the first tokens of this request
             m.prompt_tokens.inc(len(out.prompt_token_ids))

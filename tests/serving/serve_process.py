@@ -1,10 +1,13 @@
 """A real `jaxengine serve` subprocess for tests: started on the tiny checkpoint (or any
-model), its stdout / stderr read line by line on threads, waited on until ready."""
+model), its stdout / stderr read line by line on threads, waited on until ready. The HTTP
+API is off unless `http=True`, which serves it on a free port (`http_port`): `--http-port 0`
+turns it off, so the port is picked here."""
 
 from __future__ import annotations
 
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.serving.tiny_model import ENGINE_ARGS
 
 READY = re.compile(r"serving .* on grpc://127\.0\.0\.1:(\d+)")
+HTTP_READY = re.compile(r"serving .* \(OpenAI API\) on http://127\.0\.0\.1:(\d+)/v1")
 METRICS = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 ENGINE_PID = re.compile(r"engine process pid (\d+)")
 FRONTEND_PIDS = re.compile(r"front-end process pids ([\d, ]+)")
@@ -28,9 +32,19 @@ def engine_flags(**overrides) -> list[str]:
     return args
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the server binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServeProcess:
-    def __init__(self, *args: str, model: str | None = None, engine: bool = True, **engine_overrides):
-        cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", "0", "--quiet", *args]
+    def __init__(self, *args: str, model: str | None = None, engine: bool = True, http: bool = False,
+                 **engine_overrides):
+        self.http_port = free_port() if http else None
+        cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", "0", "--quiet",
+               "--http-port", str(self.http_port or 0), *args]
         if model is not None:
             cmd += ["--model", model]
         if engine:
@@ -67,7 +81,14 @@ class ServeProcess:
 
     def wait_ready(self, timeout: float = 240.0) -> int:
         self.port = int(self.wait_for(READY, timeout).group(1))
+        if self.http_port is not None:
+            assert int(self.wait_for(HTTP_READY, 5).group(1)) == self.http_port, self.log
         return self.port
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI API's base URL (with http=True)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     @property
     def address(self) -> str:

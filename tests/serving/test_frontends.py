@@ -49,8 +49,8 @@ def _metric(text: str, name: str) -> float:
 def test_three_front_ends_share_the_port_and_drain(tiny_model):
     want = jaxengine.generate([PROMPT], jaxengine.SamplingParams(max_tokens=12, temperature=0.0),
                               model=str(tiny_model), **ENGINE_ARGS)[0].outputs[0].token_ids
-    args = [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--port", "0", "--quiet",
-            "--drain-timeout", "0.3", "--metrics-port", "0", "--api-server-count", "3"]
+    args = [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--port", "0", "--http-port", "0",
+            "--quiet", "--drain-timeout", "0.3", "--metrics-port", "0", "--api-server-count", "3"]
     for k, v in ENGINE_ARGS.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

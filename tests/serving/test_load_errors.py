@@ -28,7 +28,7 @@ def _generate(model) -> subprocess.CompletedProcess:
 
 
 def _serve(model, *extra: str) -> subprocess.CompletedProcess:
-    return _run("serve", "--model", str(model), "--port", "0", "--quiet", *extra)
+    return _run("serve", "--model", str(model), "--port", "0", "--http-port", "0", "--quiet", *extra)
 
 
 def _error_line(proc: subprocess.CompletedProcess, *words) -> str:
@@ -137,6 +137,6 @@ def test_metrics_port_in_use(tiny_model, busy_port):
 
 def test_grpc_port_in_use(tiny_model, busy_port):
     proc = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--port",
-                           str(busy_port), "--quiet"], capture_output=True, text=True, timeout=TIMEOUT)
+                           str(busy_port), "--http-port", "0", "--quiet"], capture_output=True, text=True, timeout=TIMEOUT)
     _error_line(proc, f"127.0.0.1:{busy_port}", "in use")
     assert "Event loop is closed" not in proc.stderr, proc.stderr

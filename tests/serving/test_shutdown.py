@@ -47,8 +47,8 @@ def _wait_for(q: queue.Queue, pattern: re.Pattern, timeout: float, proc) -> re.M
 
 @pytest.fixture(params=[False, True], ids=["engine-thread", "engine-process"])
 def serve_process(tiny_model, request):
-    args = [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--port", "0", "--quiet",
-            "--drain-timeout", "0.3", "--metrics-port", "0"] + (["--engine-process"] if request.param else [])
+    args = [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--port", "0", "--http-port", "0",
+            "--quiet", "--drain-timeout", "0.3", "--metrics-port", "0"] + (["--engine-process"] if request.param else [])
     for k, v in ENGINE_ARGS.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -130,7 +130,8 @@ def assert_drained(proc, threads: list[threading.Thread], results: list, err: li
 @pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
 def test_serve_exits_with_the_error_when_the_model_cannot_load(tmp_path, engine_process):
     # The load runs on a thread (or in the engine process); its error must reach the server, not hang it.
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--model", str(tmp_path), "--port", "0", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--model", str(tmp_path), "--port", "0",
+                           "--http-port", "0", "--quiet"]
                           + (["--engine-process"] if engine_process else []), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "no config.json" in proc.stdout + proc.stderr
