@@ -5,12 +5,21 @@
     python benchmarks/serving.py --model llama-3.2-1b --request-rate 4 --request-rate 16 --request-rate inf \\
         --num-prompts 512 --input-len 256 --output-len 128 --json results.json
 
+    # the same through the OpenAI HTTP API of the same in-process server
+    python benchmarks/serving.py --backend openai --model llama-3.2-1b --request-rate inf --num-prompts 512
+
     # against a running `jaxengine serve` (no offline comparison)
     python benchmarks/serving.py --target 127.0.0.1:50051 --request-rate 8 --num-prompts 200
+    python benchmarks/serving.py --backend openai --target http://127.0.0.1:8000 --request-rate 8
 
 Workload: random token-id prompts of `--input-len` tokens, `--output-len` tokens each with
 `ignore_eos` (vLLM's "random" dataset). Arrivals are Poisson at each `--request-rate`
 (`inf`: all at once), optionally capped by `--max-concurrency`.
+
+`--backend grpc` streams `Generate` calls; `--backend openai` streams `POST /v1/completions`
+with aiohttp as `vllm bench serve` does: token-id prompts and vLLM's `return_token_ids`, so
+each SSE chunk carries its tokens as a gRPC message does (a random-weight preset has no
+tokenizer, hence no text), and `stream_options.include_usage` for the final count.
 
 In launch mode the engine is built once (in this process, or with `--engine-process` in a
 child process) and fronted by a `BackgroundServer`;
@@ -52,31 +61,75 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path
 
 # ---------------------------------------------------------------------------- load generator (child process)
 
+class _Call:
+    """One streamed call's timeline: TTFT at its first message with tokens, ITL between them."""
+
+    def __init__(self, prompt_tokens: int):
+        self.t0 = self.last = time.perf_counter()
+        self.ttft: float | None = None
+        self.itl: list[float] = []
+        self.output_tokens = self.messages = 0
+        self.prompt_tokens = prompt_tokens
+        self.error = ""
+
+    def message(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self.messages += 1
+        if self.ttft is None:
+            self.ttft = now - self.t0
+        else:
+            self.itl.append(now - self.last)
+        self.last = now
+        self.output_tokens += tokens
+
+    def record(self) -> dict:
+        return dict(ok=not self.error, error=self.error, ttft=self.ttft, itl=self.itl, e2e=time.perf_counter() - self.t0,
+                    output_tokens=self.output_tokens, messages=self.messages, prompt_tokens=self.prompt_tokens)
+
+
 async def _one(stub, req, sem, records: list):
     async with sem:
-        t0 = time.perf_counter()
-        ttft, last, itl, ntok, nmsg, ok, err = None, t0, [], 0, 0, True, ""
+        call = _Call(len(req.token_ids.ids))
         try:
             async for resp in stub.Generate(req):
-                now = time.perf_counter()
-                k = sum(len(d.token_ids) for d in resp.outputs)
-                if k:
-                    nmsg += 1
-                    if ttft is None:
-                        ttft = now - t0
-                    else:
-                        itl.append(now - last)
-                    last = now
-                    ntok += k
+                if k := sum(len(d.token_ids) for d in resp.outputs):
+                    call.message(k)
         except Exception as e:  # noqa: BLE001 - recorded as a failed request
             details = getattr(e, "details", None)  # a grpc.RpcError's message
-            ok, err = False, f"{type(e).__name__}: {details() if callable(details) else e}"
-        records.append(dict(ok=ok, error=err, ttft=ttft, itl=itl, e2e=time.perf_counter() - t0, output_tokens=ntok,
-                            messages=nmsg, prompt_tokens=len(req.token_ids.ids)))
+            call.error = f"{type(e).__name__}: {details() if callable(details) else e}"
+        records.append(call.record())
+
+
+async def _one_openai(session, url: str, body: bytes, prompt_tokens: int, sem, records: list):
+    """One streamed completion; its final usage chunk must count the tokens it streamed."""
+    async with sem:
+        call, usage = _Call(prompt_tokens), None
+        try:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                async for line in resp.content:  # SSE: "data: {...}\n\n"
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(f"error event: {chunk['error'].get('message')}")
+                    usage = chunk.get("usage") or usage
+                    if k := sum(len(c.get("token_ids") or ()) for c in chunk.get("choices", ())):
+                        call.message(k)
+            if usage is None or usage["completion_tokens"] != call.output_tokens:
+                raise RuntimeError(f"the stream's tokens ({call.output_tokens}) are not its usage's ({usage})")
+        except Exception as e:  # noqa: BLE001 - recorded as a failed request
+            call.error = f"{type(e).__name__}: {e}"
+        records.append(call.record())
 
 
 async def _load(target: str, reqs: list[bytes], rate: float, max_concurrency: int | None, seed: int,
                 api_key: str | None, num_channels: int, start_at: float | None = None) -> tuple[list[dict], float]:
+    """Send `reqs` (serialized GenerateRequests, or JSON completion bodies when `target` is an
+    http:// URL) at Poisson `rate`; (records, seconds from start to the last call's end)."""
+    if target.startswith(("http://", "https://")):
+        return await _load_openai(target, reqs, rate, max_concurrency, seed, api_key, start_at)
     import grpc
 
     from serving.generated import engine_pb2 as pb
@@ -104,6 +157,37 @@ async def _load(target: str, reqs: list[bytes], rate: float, max_concurrency: in
     for ch in channels:
         await ch.close()
     return records, duration
+
+
+async def _load_openai(base_url: str, reqs: list[bytes], rate: float, max_concurrency: int | None, seed: int,
+                       api_key: str | None, start_at: float | None) -> tuple[list[dict], float]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/v1/completions"
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(max_concurrency or len(reqs))
+    records: list[dict] = []
+    connector = aiohttp.TCPConnector(limit=0)  # one connection per in-flight request, as a fleet of clients
+    async with aiohttp.ClientSession(connector=connector, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        start = time.perf_counter() if start_at is None else start_at
+        tasks = []
+        for body in reqs:
+            tasks.append(asyncio.create_task(_one_openai(session, url, body, len(json.loads(body)["prompt"]), sem, records)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return records, duration
+
+
+def completion_body(model: str, prompt: list[int], sampling: dict) -> bytes:
+    """A streamed /v1/completions request for the same work as a GenerateRequest."""
+    return json.dumps(dict(model=model, prompt=prompt, stream=True, stream_options=dict(include_usage=True),
+                           return_token_ids=True, **sampling)).encode()
 
 
 class _WithMetadata:
@@ -263,6 +347,28 @@ def _device_info(engine) -> dict:  # asked of the engine: this process may not o
     return dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, num_devices=jax.device_count())
 
 
+def _openai_model(base_url: str, api_key: str | None) -> tuple[str, str, int]:
+    """(id, "", max_model_len) of the one model a running server lists at GET /v1/models."""
+    import urllib.request
+
+    req = urllib.request.Request(base_url.rstrip("/") + "/v1/models",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        card = json.load(resp)["data"][0]
+    return card["id"], "", card["max_model_len"]
+
+
+def _openai_token_ids(base_url: str, model: str, prompt: list[int], sampling: dict) -> list[int]:
+    """A non-streamed completion's token ids (vLLM's `return_token_ids`)."""
+    import urllib.request
+
+    body = json.dumps(dict(model=model, prompt=prompt, return_token_ids=True, **sampling)).encode()
+    req = urllib.request.Request(base_url.rstrip("/") + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.load(resp)["choices"][0]["token_ids"]
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -274,8 +380,14 @@ def _git_sha() -> str:
 def main(argv: list[str] | None = None) -> int:
     from serving.cli import _add_engine_args, engine_kwargs
 
-    p = argparse.ArgumentParser(description="jaxengine gRPC serving benchmark")
-    p.add_argument("--target", default=None, help="host:port of a running server (default: launch one in-process)")
+    p = argparse.ArgumentParser(description="jaxengine serving benchmark (gRPC or the OpenAI HTTP API)")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: the Generate stream; openai: POST /v1/completions with SSE")
+    p.add_argument("--target", default=None, help="a running server (default: launch one in-process): host:port for "
+                                                  "grpc, http://host:port for openai")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--backend openai --target: the model's vocabulary size, for random prompts "
+                        "(the HTTP API does not report it)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--request-rate", action="append", type=float, help="requests/s, Poisson; inf = all at once (repeatable)")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -301,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.api_server_count > 1 and not (args.engine_process and args.target is None):
         p.error("--api-server-count > 1 needs --engine-process (launch mode)")
+    if args.backend == "openai" and args.target is not None and args.vocab_size is None:
+        p.error("--backend openai --target needs --vocab-size")
+    if args.backend == "openai" and args.target is not None and not args.target.startswith(("http://", "https://")):
+        p.error(f"--backend openai needs --target http://host:port, got {args.target!r}")
     server = async_engine = frontends = None
     target = args.target
     result: dict = dict(config={k: v for k, v in vars(args).items()}, git_sha=_git_sha())
@@ -319,30 +435,37 @@ def main(argv: list[str] | None = None) -> int:
         else:
             async_engine = AsyncEngine(Engine(EngineConfig.from_kwargs(args.model, **kw)))
         print(f"engine ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        options = ServeOptions(port=0, model_name=args.model or "default", reuse_port=args.api_server_count > 1)
+        options = ServeOptions(port=0, model_name=args.model or "default", reuse_port=args.api_server_count > 1,
+                               http_port=0 if args.backend == "openai" else None)
         server = BackgroundServer(async_engine, options)
-        target = server.address
+        target = server.address if args.backend == "grpc" else f"http://{options.host}:{server.server.http_port}"
         if args.api_server_count > 1:
-            import dataclasses
-
             from serving.frontends import FrontendProcesses
+            from serving.launch import frontend_options
 
-            frontends = FrontendProcesses(dataclasses.replace(options, port=server.port), async_engine.client_connections)
+            frontends = FrontendProcesses(frontend_options(server.server), async_engine.client_connections)
         result.update(async_engine.call(_device_info).result(), engine_process=args.engine_process)
 
     from serving.client import Client
 
-    with Client(target, api_key=args.api_key, timeout=600) as c:
-        info = c.model_info()
-    max_len = info.max_model_len
+    if args.backend == "openai" and args.target is not None:
+        model_name, architecture, max_len, vocab_size = _openai_model(args.target, args.api_key) + (args.vocab_size,)
+    else:
+        with Client(server.address if server is not None else target, api_key=args.api_key, timeout=600) as c:
+            info = c.model_info()
+        model_name, architecture, max_len, vocab_size = info.model, info.architecture, info.max_model_len, info.vocab_size
     if args.input_len + args.output_len > max_len:
         p.error(f"--input-len + --output-len must be <= max_model_len={max_len}")
     rng = random.Random(args.bench_seed)
-    prompts = [[rng.randrange(info.vocab_size) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    prompts = [[rng.randrange(vocab_size) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     sampling = dict(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
-    reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=pr), sampling_params=pb.SamplingParams(**sampling)).SerializeToString()
-            for pr in prompts]
-    result.update(model=info.model, architecture=info.architecture, max_model_len=max_len)
+    if args.backend == "grpc":
+        reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=pr), sampling_params=pb.SamplingParams(**sampling))
+                .SerializeToString() for pr in prompts]
+    else:
+        served_name = server.options.model_name if server is not None else model_name
+        reqs = [completion_body(served_name, pr, sampling) for pr in prompts]
+    result.update(model=model_name, architecture=architecture, max_model_len=max_len, backend=args.backend)
 
     # Correctness first: greedy through the server == the offline engine (launch mode).
     if async_engine is not None:
@@ -353,12 +476,15 @@ def main(argv: list[str] | None = None) -> int:
         # near-tied logits that a different batch composition can flip).
         check = prompts[:4]
         want, got = [], []
-        with Client(target, timeout=600) as c:
+        with Client(server.address, timeout=600) as c:
             for pr in check:
                 async_engine.call(_reset_prefix_cache).result()
                 want += async_engine.call(_offline, [pr], SamplingParams(**sampling)).result()[2]
                 async_engine.call(_reset_prefix_cache).result()
-                got.append(list(c.generate(pr, **sampling).token_ids))
+                if args.backend == "grpc":
+                    got.append(list(c.generate(pr, **sampling).token_ids))
+                else:
+                    got.append(_openai_token_ids(target, server.options.model_name, pr, sampling))
         if got != want:
             print("error: served greedy output differs from the offline engine", file=sys.stderr)
             return 1

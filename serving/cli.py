@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the engine loop in a child process, so the gRPC loop never holds its GIL "
                           "(default on a single host; an H200 served 1.9x the tokens/s with it)")
     srv.add_argument("--api-server-count", type=int, default=1,
-                     help="gRPC front-end processes sharing the port over the one engine process (vLLM's name); "
+                     help="front-end processes sharing the gRPC and HTTP ports over the one engine process (vLLM's name); "
                           "one carries ~10k streamed messages/s")
     srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
     h = srv.add_argument_group("HTTP (OpenAI-compatible API, on --host)")

@@ -1,8 +1,10 @@
-"""More gRPC front-end processes on the server's port (`jaxengine serve --api-server-count N`).
+"""More front-end processes on the server's ports, gRPC and HTTP (`jaxengine serve
+--api-server-count N`).
 
 One `grpc.aio` process carries ~10-13 k streamed messages/s (measured on an H200 host),
-about a quarter of what a 1B model on an H200 produces. As vLLM does with
-`--api-server-count`, the server then runs N front-ends over the one engine process:
+about a quarter of what a 1B model on an H200 produces; one uvicorn process's SSE fewer. As
+vLLM does with `--api-server-count`, the server then runs N front-ends over the one engine
+process:
 
     client ─┐                 ┌─ serving process (front-end 0, metrics, signals) ─┐
     client ─┼─ port (SO_REUSEPORT) ─ front-end 1 ... N-1 (processes) ─────────────┼─ engine process
@@ -10,7 +12,8 @@ about a quarter of what a 1B model on an H200 produces. As vLLM does with
 
 Each front-end is a whole `EngineServer` with an `EngineClient` on its own connection to
 the engine (`EngineProcess.client_connections`). The serving process keeps what must be
-one: the metrics endpoint (it sums the front-ends' per-request metrics at scrape time),
+one: the metrics endpoint (it sums the front-ends' per-request metrics at scrape time; a
+front-end's HTTP /metrics fetches that sum from it),
 the signals (it forwards SIGTERM, each front-end drains its own calls) and the engine's
 life. A Ctrl-C reaches only the serving process's handler: front-ends ignore SIGINT.
 
@@ -43,8 +46,9 @@ class FrontendProcesses:
 
     def __init__(self, options: ServeOptions, connections: list, timeout: float = 120.0):
         ctx = multiprocessing.get_context("spawn")
-        # Metrics and the HTTP API are the serving process's alone.
-        opts = dataclasses.replace(options, reuse_port=True, metrics_port=None, http_port=None)
+        # The metrics endpoint is the serving process's alone; the HTTP API (on `options.http_port`,
+        # which the serving process bound with reuse_port) answers /metrics from it.
+        opts = dataclasses.replace(options, reuse_port=True, metrics_port=None)
         self._controls, self._procs = [], []
         self._lock = threading.Lock()  # the metrics HTTP server scrapes from its threads
         for i, conn in enumerate(connections, start=1):

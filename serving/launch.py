@@ -72,6 +72,15 @@ def _load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def frontend_options(server: EngineServer) -> ServeOptions:
+    """What the front-end processes serve: this server's bound ports (gRPC and HTTP, shared
+    with reuse_port), with HTTP /metrics fetched from this process's metrics endpoint."""
+    opts = server.options
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    metrics_url = f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port is not None else None
+    return dataclasses.replace(opts, port=server.port, http_port=server.http_port, http_metrics_url=metrics_url)
+
+
 async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool = True, engine_process: bool = False,
                 api_server_count: int = 1) -> int:
     """Run a server until SIGTERM/SIGINT (exit code 0) or until the engine or a front-end
@@ -82,6 +91,9 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
         raise ValueError(f"api_server_count must be 1, or more with the engine in its own process; got {api_server_count}")
     if api_server_count > 1:
         options = dataclasses.replace(options, reuse_port=True)
+        if options.http_port is not None and options.metrics_port is None:
+            # The front-ends' HTTP /metrics fetches the sum from the serving process's endpoint.
+            options = dataclasses.replace(options, metrics_port=0)
     server = EngineServer(options)
     try:
         port = await server.start()
@@ -122,8 +134,7 @@ async def serve(options: ServeOptions, config: EngineConfig, *, progress: bool =
             _say(f"engine process pid {engine.process.pid}")
         if api_server_count > 1:
             try:
-                frontends = await asyncio.to_thread(FrontendProcesses, dataclasses.replace(options, port=port),
-                                                    engine.client_connections)
+                frontends = await asyncio.to_thread(FrontendProcesses, frontend_options(server), engine.client_connections)
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 await server.drain(0)

@@ -59,6 +59,8 @@ class ServeOptions:
     http_max_body_bytes: int = 16 << 20
     tool_call_parser: str | None = None  # --tool-call-parser NAME (serving/openai_api/tool_parsers)
     enable_auto_tool_choice: bool = False  # tool_choice "auto" needs it, as in vLLM
+    # A front-end process's HTTP /metrics: the serving process's metrics endpoint (serving/frontends.py).
+    http_metrics_url: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -75,7 +77,8 @@ class ServeOptions:
         return HttpOptions(host=self.host, port=self.http_port or 0, model_name=self.model_name or "default",
                            api_keys=self.api_keys, allowed_origins=tuple(self.allowed_origins),
                            max_body_bytes=self.http_max_body_bytes, tool_call_parser=self.tool_call_parser,
-                           enable_auto_tool_choice=self.enable_auto_tool_choice)
+                           enable_auto_tool_choice=self.enable_auto_tool_choice, reuse_port=self.reuse_port,
+                           metrics_url=self.http_metrics_url)
 
     @property
     def address(self) -> str:

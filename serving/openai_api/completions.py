@@ -101,6 +101,7 @@ class _Builder:
     def __init__(self, req: CompletionRequest, params: SamplingParams, strings: TokenStrings, tokenizer):
         self.req, self.n, self.strings, self.tokenizer = req, params.n, strings, tokenizer
         self.k, self.skip_special_tokens = req.logprobs, params.skip_special_tokens
+        self.token_ids = bool(req.return_token_ids)
 
     def echo(self, r: RequestResult) -> tuple[str, CompletionLogprobs | None, int]:
         """The echoed prompt's text, its logprobs and the text offset after it."""
@@ -122,8 +123,9 @@ class _Builder:
         text, lp, offset = self.echo(r)
         if lp is not None:
             append_completion(lp, s.token_ids, s.logprobs, self.k, self.strings, offset)
+        ids = dict(token_ids=list(s.token_ids), prompt_token_ids=list(r.prompt_token_ids)) if self.token_ids else {}
         return CompletionChoice(index=i * self.n + j, text=text + s.text, logprobs=lp,
-                                finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                                finish_reason=s.finish_reason, stop_reason=s.stop_reason, **ids)
 
 
 async def _events(gate: EngineGate, first: list[Started], response_id: str, view: _Builder,
@@ -142,17 +144,21 @@ async def _events(gate: EngineGate, first: list[Started], response_id: str, view
             pieces = []
             for o in item.output.outputs:
                 index = item.index * view.n + o.index
-                text, lp = o.text, None
+                text, lp, ids = o.text, None, {}
+                if view.token_ids:
+                    ids["token_ids"] = list(o.token_ids)
                 if index not in offsets:  # this choice's first piece: the echo goes first
                     echo, lp, offsets[index] = view.echo(r)
                     text = echo + text
+                    if view.token_ids:
+                        ids["prompt_token_ids"] = list(r.prompt_token_ids)
                 if view.k is not None:
                     lp = lp or CompletionLogprobs()
                     offsets[index] = append_completion(lp, o.token_ids, o.logprobs or [], view.k, view.strings,
                                                        offsets[index])
-                if text or lp is not None or o.finish_reason is not None:
+                if text or lp is not None or o.finish_reason is not None or ids.get("token_ids"):
                     pieces.append(CompletionChoice(index=index, text=text, logprobs=lp,
-                                                   finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                                                   finish_reason=o.finish_reason, stop_reason=o.stop_reason, **ids))
             if pieces:
                 yield chunk(pieces)
         if with_usage:

@@ -18,6 +18,10 @@ class HttpOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     tool_call_parser: str | None = None  # a name in tool_parsers.TOOL_PARSERS
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (vLLM's flag); needs a parser
+    # `--api-server-count` > 1: every front-end process listens on the port (SO_REUSEPORT) and
+    # answers /metrics with the serving process's (which sums them all), fetched from this URL.
+    reuse_port: bool = False
+    metrics_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:

@@ -71,6 +71,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None  # not supported: rejected when set
     best_of: int | None = None  # supported only as n
+    # vLLM's: each choice carries its token ids (and the prompt's), streamed as each chunk's new ones.
+    return_token_ids: bool | None = None
 
     @field_validator("prompt", mode="plain")
     @classmethod
@@ -188,6 +190,16 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended it
+    token_ids: list[int] | None = None  # with return_token_ids
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (a stream: in a choice's first chunk)
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked_ids(self, handler):  # absent, not null, unless return_token_ids asked for them
+        body = handler(self)
+        for key in ("token_ids", "prompt_token_ids"):
+            if body.get(key) is None:
+                body.pop(key, None)
+        return body
 
 
 class CompletionResponse(BaseModel):

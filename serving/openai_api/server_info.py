@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import urllib.request
 
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,7 +41,15 @@ def health(gate: EngineGate) -> Response:
     return Response(status_code=200) if problem is None else problem.response()
 
 
+def _fetch(url: str) -> tuple[bytes, str]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read(), resp.headers.get("Content-Type", CONTENT_TYPE_LATEST)
+
+
 async def metrics(gate: EngineGate) -> Response:
+    if gate.options.metrics_url is not None:  # a front-end process: the whole server's, not this process's share
+        body, content_type = await asyncio.to_thread(_fetch, gate.options.metrics_url)
+        return Response(body, media_type=content_type)
     registry = gate.registry
     if registry is None:
         return Response(status_code=404)

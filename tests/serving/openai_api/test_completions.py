@@ -39,6 +39,23 @@ def test_greedy_completion_is_the_engines(client, llm):
     assert resp.object == "text_completion" and resp.model == "default" and resp.id.startswith("cmpl-")
 
 
+def test_return_token_ids_gives_the_engines_tokens(client, llm):
+    """vLLM's `return_token_ids`: the ids beside the text, whole and streamed (the prompt's in
+    the first chunk); absent when not asked for."""
+    kw = dict(model="default", prompt=PROMPT, max_tokens=12, **GREEDY)
+    want = _want(llm, PROMPT, max_tokens=12, **GREEDY)
+    whole = client.completions.create(extra_body=dict(return_token_ids=True), **kw).choices[0]
+    assert whole.token_ids == list(want.outputs[0].token_ids)
+    assert whole.prompt_token_ids == list(want.prompt_token_ids)
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, extra_body=dict(return_token_ids=True), **kw)
+              if c.choices]
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert chunks[0].prompt_token_ids == whole.prompt_token_ids
+    assert all(getattr(c, "prompt_token_ids", None) is None for c in chunks[1:])
+    plain = client.completions.create(**kw).choices[0]
+    assert "token_ids" not in plain.model_dump(exclude_unset=True)
+
+
 def test_max_tokens_defaults_to_16_as_openai(client):
     resp = client.completions.create(model="default", prompt=PROMPT, extra_body=dict(ignore_eos=True), **GREEDY)
     assert resp.usage.completion_tokens == 16 and resp.choices[0].finish_reason == "length"
