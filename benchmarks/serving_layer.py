@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serving import run_load, summarize  # noqa: E402
+from benchmarks.serving import completion_body, run_load, summarize  # noqa: E402
 from jaxengine.engine.async_engine import StreamingEngine, StreamItem  # noqa: E402
 from jaxengine.outputs import CompletionRecord, OutputRecord  # noqa: E402
 from serving.generated import engine_pb2 as pb  # noqa: E402
@@ -103,10 +103,16 @@ def main() -> None:
     ap.add_argument("--running", type=int, default=256)
     ap.add_argument("--step-ms", type=float, default=5.0, help="the synthetic engine's step (1B on an H200: ~5 ms)")
     ap.add_argument("--num-channels", type=int, default=4)
+    ap.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                    help="openai: streamed /v1/completions through the HTTP API of the same server")
     args = ap.parse_args()
-    reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 8),
-                               sampling_params=pb.SamplingParams(max_tokens=args.output_len, ignore_eos=True))
-            .SerializeToString() for _ in range(args.num_prompts)]
+    if args.backend == "grpc":
+        reqs = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 8),
+                                   sampling_params=pb.SamplingParams(max_tokens=args.output_len, ignore_eos=True))
+                .SerializeToString() for _ in range(args.num_prompts)]
+    else:
+        reqs = [completion_body("synthetic", [1] * 8, dict(max_tokens=args.output_len, ignore_eos=True))
+                for _ in range(args.num_prompts)]
     ideal = math.ceil(args.num_prompts / args.running) * args.output_len * args.step_ms / 1000
     print(f"{args.num_prompts} requests x {args.output_len} tokens, {args.running} running, {args.step_ms} ms steps: "
           f"ideal {ideal:.2f} s, {args.num_prompts * args.output_len / ideal:.0f} tok/s")
@@ -114,11 +120,13 @@ def main() -> None:
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
         for interval in args.stream_interval or [1]:
             engine = SyntheticEngine(args.step_ms / 1000, args.running, args.output_len, interval)
-            server = BackgroundServer(engine, ServeOptions(port=0, model_name="synthetic"))
-            pool.submit(run_load, server.address, reqs[:8], math.inf, None, 1, None, 1).result()  # warm-up
+            server = BackgroundServer(engine, ServeOptions(port=0, model_name="synthetic",
+                                                           http_port=0 if args.backend == "openai" else None))
+            target = server.address if args.backend == "grpc" else f"http://127.0.0.1:{server.server.http_port}"
+            pool.submit(run_load, target, reqs[:8], math.inf, None, 1, None, 1).result()  # warm-up
             engine.admitted.clear()
             t0 = time.perf_counter()
-            records, duration = pool.submit(run_load, server.address, reqs, math.inf, None, 0, None,
+            records, duration = pool.submit(run_load, target, reqs, math.inf, None, 0, None,
                                             args.num_channels).result()
             s = summarize(records, duration)
             admitted = sorted(engine.admitted)
