@@ -106,6 +106,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 }
 
 KV_CACHE_AXES = ("kv", "kv_heads", "pages", "page", "head_dim")  # pallas_kernels.kv_cache layout
+EXPERT_ROWS_AXES = ("tokens", "embed")  # [T * k, H]: the rows sorted by expert
 Q_AXES = ("tokens", "heads", "head_dim")  # [T, Hq, D]
 RESIDUAL_AXES = ("sequence", "embed")  # [T, hidden] under sequence parallelism
 KV_NEW_AXES = ("tokens", "kv_heads", "head_dim")  # [T, Hkv, D]
@@ -261,3 +262,19 @@ def shard_heads(fn: Callable, mesh: Mesh, rules: dict[str, MeshAxes] = RULES) ->
         # Pallas calls do not carry varying-manual-axes types; the specs above say it all.
         check_vma=False,
     )
+
+
+def shard_experts(fn: Callable, mesh: Mesh, rules: dict[str, MeshAxes] = RULES) -> Callable:
+    """Run `fn(rows, group_sizes, gate_up, down) -> out` (models.moe.experts) per shard of the
+    expert weights' "mlp" axis: each device computes its slice of every expert's intermediate
+    and the partial [M, H] outputs are summed over those mesh axes (the row-parallel down_proj's
+    all-reduce, written out because the grouped GEMM's loop is opaque to XLA's partitioner)."""
+    gate_up, down = (logical_to_physical(PARAM_AXES[k], rules) for k in ("experts.gate_up_proj", "experts.down_proj"))
+    rows = logical_to_physical(EXPERT_ROWS_AXES, rules)
+    summed = _mesh_axes(rules["mlp"])
+
+    def body(*args):
+        out = fn(*args)
+        return jax.lax.psum(out, summed) if summed else out
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, P(), gate_up, down), out_specs=rows, check_vma=False)

@@ -41,7 +41,7 @@ class DecoderLayer(nnx.Module):
         x = x + split(h)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoeBlock):  # the bucket's padding tokens go to no expert
-            h = self.mlp(h, meta.cu_q_lens[meta.num_seqs.reshape(())])
+            h = self.mlp(h, meta.cu_q_lens[meta.num_seqs.reshape(())], mesh)
         else:
             h = self.mlp(h)
         return x + split(h), kv_cache

@@ -31,12 +31,13 @@ class SparseMoeBlock(nnx.Module):
         self,
         x: jax.Array,  # [..., H]
         num_tokens: jax.Array | None = None,  # [] int32: real tokens of a flat [T, H] step, the rest padding
+        mesh: jax.sharding.Mesh | None = None,
     ) -> jax.Array:  # [..., H]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = route(self.gate(x), self.top_k, self.norm_topk_prob)
         batch = sort_by_expert(routing, self.num_experts, num_tokens)
-        out = combine(self.experts(gather_rows(x, batch, self.top_k), batch.group_sizes), batch, routing)
+        out = combine(self.experts(gather_rows(x, batch, self.top_k), batch.group_sizes, mesh), batch, routing)
         if self.shared_expert is not None:
             out = out + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
