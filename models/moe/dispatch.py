@@ -38,4 +38,4 @@ def combine(y: jax.Array, batch: ExpertBatch, routing: Routing) -> jax.Array:  #
     """Un-sort the experts' outputs and add each token's k of them up, weighted."""
     t, k = routing.weights.shape
     unsorted = jnp.zeros_like(y).at[batch.order].set(y, unique_indices=True).reshape(t, k, -1)
-    return jnp.einsum("tk,tkh->th", routing.weights.astype(y.dtype), unsorted, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(routing.weights.astype(y.dtype)[..., None] * unsorted, axis=1)

@@ -6,6 +6,7 @@ per-expert files save_pretrained writes."""
 
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,3 +83,33 @@ def test_fused_layout_loads_the_same_parameters(family, tmp_path):
             for p in ("gate_up_proj", "down_proj"):
                 np.testing.assert_array_equal(getattr(a.mlp.experts, p)[...], getattr(b.mlp.experts, p)[...])
             np.testing.assert_array_equal(a.mlp.gate.weight[...], b.mlp.gate.weight[...])
+
+
+def _dots(jaxpr) -> list:
+    """Every dot_general / ragged_dot of a jaxpr, inside loops and calls too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if "dot" in eqn.primitive.name:
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dots(inner)
+    return found
+
+
+def test_no_expert_runs_on_tokens_not_routed_to_it(family):
+    """The block's matmuls, as traced: the experts' run inside the grouped GEMM's loop, one
+    expert's [N, K] weight at a time; no matmul over the stacked [E, ...] expert weights
+    (every expert on every token) and no ragged_dot (lowered densely off TPU). The others
+    are the router's and Qwen2-MoE's shared expert (on every token by design)."""
+    _, _, _, ours = family
+    block = ours.model.layers[1].mlp
+    x = jnp.zeros((T, block.gate.weight[...].shape[1]), jnp.float32)
+    dots = _dots(jax.make_jaxpr(lambda x: block(x, jnp.asarray(REAL, jnp.int32)))(x).jaxpr)
+    assert dots and all(e.primitive.name == "dot_general" for e in dots), {e.primitive.name for e in dots}
+    stacked = [v.aval.shape for e in dots for v in e.invars if v.aval.ndim >= 3 and v.aval.shape[0] == block.num_experts]
+    assert not stacked, stacked
+    in_loop = [e for e in dots if e.invars[1].aval.shape[0] in (2 * block.experts.down_proj.shape[2], block.experts.down_proj.shape[1])]
+    assert len(in_loop) >= 2  # gate/up and down, one expert at a time
