@@ -268,7 +268,8 @@ def shard_experts(fn: Callable, mesh: Mesh, rules: dict[str, MeshAxes] = RULES) 
     """Run `fn(rows, group_sizes, gate_up, down) -> out` (models.moe.experts) per shard of the
     expert weights' "mlp" axis: each device computes its slice of every expert's intermediate
     and the partial [M, H] outputs are summed over those mesh axes (the row-parallel down_proj's
-    all-reduce, written out because the grouped GEMM's loop is opaque to XLA's partitioner)."""
+    all-reduce). Written out, not left to XLA's partitioner: it happens to keep the jnp loop
+    split, but a Pallas kernel behind `grouped_matmul` is a custom call it cannot split."""
     gate_up, down = (logical_to_physical(PARAM_AXES[k], rules) for k in ("experts.gate_up_proj", "experts.down_proj"))
     rows = logical_to_physical(EXPERT_ROWS_AXES, rules)
     summed = _mesh_axes(rules["mlp"])

@@ -67,3 +67,20 @@ def test_loaded_experts_are_split_router_replicated(checkpoint):
         assert mine.gate.weight[...].sharding.spec == P(None, None)
         np.testing.assert_array_equal(np.asarray(gate_up), np.asarray(theirs.experts.gate_up_proj[...]))
         np.testing.assert_array_equal(np.asarray(down), np.asarray(theirs.experts.down_proj[...]))
+
+
+def test_compiled_step_keeps_experts_split(checkpoint):
+    """At TP 2 the compiled step never gathers an expert weight stack: each device multiplies
+    by its own [E, I / tp, ...] slice, and the experts' partial outputs are all-reduced."""
+    import re
+
+    path, _ = checkpoint
+    runner = _llm(path, 2).engine.runner
+    buf, layout = runner._forward_args(16, 4)
+    hlo = runner._forward.lower(runner.state, runner.kv_caches, buf, runner.no_prev_tokens, layout=layout).compile().as_text()
+    model = load_model(path, jnp.float32)
+    block = next(l.mlp for l in model.model.layers if hasattr(l.mlp, "experts"))
+    e, i, _, h = block.experts.gate_up_proj[...].shape
+    gathered = re.findall(rf"= f32\[{e},[0-9]+,[0-9,]+\]\S* all-gather", hlo)  # a stack of >= 3 dims
+    assert not gathered, gathered
+    assert re.search(rf"f32\[{16 * block.top_k},{h}\]\S* all-reduce", hlo), "no all-reduce of the experts' [T * k, H] output"
