@@ -1,7 +1,8 @@
 """ModelConfig: the one description of a decoder-only model, parsed from a Hugging Face
 `config.json`. Llama, Mistral, Qwen2 and Qwen3 are the same network with a few switches
-(qkv bias, q/k norm, sliding window, explicit head_dim); this file is where those switches
-are read, so the model code never looks at `architectures`.
+(qkv bias, q/k norm, sliding window, explicit head_dim); Mixtral, Qwen2-MoE and Qwen3-MoE are
+Mistral, Qwen2 and Qwen3 with a mixture-of-experts feed-forward (`MoeConfig`). This file is
+where those switches are read, so the model code never looks at `architectures`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    "MixtralForCausalLM": {"moe": True},
+    "Qwen2MoeForCausalLM": {"qkv_bias": True, "moe": True},
+    "Qwen3MoeForCausalLM": {"qk_norm": True, "moe": True},
 }
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -44,6 +48,27 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """The mixture-of-experts feed-forward: a softmax router picks `num_experts_per_tok` of
+    `num_experts` SwiGLU experts per token (weights renormalised over the chosen ones with
+    `norm_topk_prob`); Qwen2-MoE adds a shared expert behind a sigmoid gate."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    intermediate_size: int  # per expert
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    # Per layer: True for the MoE block, False for a dense MLP of ModelConfig.intermediate_size
+    # (Qwen's mlp_only_layers / decoder_sparse_step). Empty: every layer is sparse.
+    sparse_layers: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts "
+                             f"({self.num_experts})]")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -67,6 +92,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
+    moe: MoeConfig | None = None  # None: every layer has a dense MLP
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -80,6 +106,13 @@ class ModelConfig:
             raise ValueError(
                 f"{len(self.sliding_windows)} layer types for {self.num_layers} layers"
             )
+        if self.moe is not None and not self.moe.sparse_layers:
+            object.__setattr__(self, "moe", dataclasses.replace(self.moe, sparse_layers=(True,) * self.num_layers))
+        if self.moe is not None and len(self.moe.sparse_layers) != self.num_layers:
+            raise ValueError(f"{len(self.moe.sparse_layers)} sparse-layer flags for {self.num_layers} layers")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.sparse_layers[layer]
 
     @property
     def sm_scale(self) -> float:
@@ -147,7 +180,9 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=family.get("qkv_bias", False) or attention_bias,
+            # Qwen2-MoE names the switch (transformers 5 writes it); older configs mean True.
+            qkv_bias=(bool(hf.get("qkv_bias", True)) if arch == "Qwen2MoeForCausalLM" else family.get("qkv_bias", False))
+            or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=family.get("qk_norm", False),
@@ -155,6 +190,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
+            moe=_parse_moe(hf, arch, num_layers) if family.get("moe") else None,
         )
 
 
@@ -187,17 +223,45 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     return float(theta), RopeScaling(**kwargs)
 
 
+def _parse_moe(hf: dict[str, Any], arch: str, num_layers: int) -> MoeConfig | None:
+    # Qwen3-MoE's Hub configs say num_experts; transformers 5 writes num_local_experts (Mixtral's name).
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+    if not num_experts:
+        if arch == "MixtralForCausalLM":
+            raise ValueError("missing required field num_local_experts")
+        return None  # Qwen with num_experts 0: every layer dense
+    if arch == "MixtralForCausalLM":  # every layer sparse; the chosen weights always renormalised
+        return MoeConfig(num_experts, hf.get("num_experts_per_tok", 2), hf["intermediate_size"], norm_topk_prob=True)
+    for key in ("moe_intermediate_size", "num_experts_per_tok"):
+        if hf.get(key) is None:
+            raise ValueError(f"missing required field {key}")
+    dense = set(hf.get("mlp_only_layers") or [])
+    step = hf.get("decoder_sparse_step") or 1
+    return MoeConfig(
+        num_experts, hf["num_experts_per_tok"], hf["moe_intermediate_size"],
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size") or 0)
+        if arch == "Qwen2MoeForCausalLM" else 0,
+        sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+    )
+
+
 def _parse_sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window") or None  # Qwen2-MoE writes 0 for none
     layer_types = hf.get("layer_types")
     if layer_types:  # transformers >= 4.53 spells it out per layer
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if window is None:
         return (None,) * num_layers
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return (window,) * num_layers
-    # Qwen2/3: only with use_sliding_window, and only from layer max_window_layers on.
     if not hf.get("use_sliding_window", False):
         return (None,) * num_layers
+    if arch == "Qwen3MoeForCausalLM":  # transformers masks every layer
+        return (window,) * num_layers
+    if arch == "Qwen2MoeForCausalLM":  # transformers 5's default layer_types: even layers below max_window_layers
+        first = hf.get("max_window_layers", 28)
+        return tuple(window if i % 2 == 0 and i < first else None for i in range(num_layers))
+    # Qwen2/3: only with use_sliding_window, and only from layer max_window_layers on.
     first = hf.get("max_window_layers", num_layers)
     return tuple(window if i >= first else None for i in range(num_layers))

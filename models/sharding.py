@@ -70,7 +70,9 @@ RULES: dict[str, MeshAxes] = {
     "heads": TP,  # query heads (q_proj rows, o_proj columns: heads x head_dim folded)
     "kv_heads": TP,  # key/value heads (k/v_proj rows, the KV cache's head axis)
     "head_dim": None,
-    "mlp": TP,  # intermediate size
+    "mlp": TP,  # intermediate size (dense MLPs, each routed expert, the shared expert)
+    "experts": None,  # the expert axis of MoE weights and the router's output (expert parallel would split it)
+    "gate_out": None,  # the shared expert gate's single output
     "fused": None,  # the parts of a fused projection, side by side (models.loading.fused_weights)
     "layers": None,
     "kv": None,  # the cache's K-or-V axis
@@ -93,12 +95,18 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "gate_up_proj.bias": ("mlp", "fused"),
     "down_proj.weight": ("embed", "mlp"),
     "down_proj.bias": ("embed",),
+    # MoE (models.moe): stacked experts, each split like the dense MLP; router and gate replicated.
+    "experts.gate_up_proj": ("experts", "mlp", "fused", "embed"),
+    "experts.down_proj": ("experts", "embed", "mlp"),
+    "gate.weight": ("experts", "embed"),
+    "shared_expert_gate.weight": ("gate_out", "embed"),
     "input_layernorm.weight": ("embed",),
     "post_attention_layernorm.weight": ("embed",),
     "norm.weight": ("embed",),
 }
 
 KV_CACHE_AXES = ("kv", "kv_heads", "pages", "page", "head_dim")  # pallas_kernels.kv_cache layout
+EXPERT_ROWS_AXES = ("tokens", "embed")  # [T * k, H]: the rows sorted by expert
 Q_AXES = ("tokens", "heads", "head_dim")  # [T, Hq, D]
 RESIDUAL_AXES = ("sequence", "embed")  # [T, hidden] under sequence parallelism
 KV_NEW_AXES = ("tokens", "kv_heads", "head_dim")  # [T, Hkv, D]
@@ -179,11 +187,15 @@ def _axis_size(mesh: Mesh, value: MeshAxes) -> int:
 
 def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: dict[str, MeshAxes] = RULES) -> None:
     """A clear error when a dimension the rules split does not divide by its mesh axes."""
-    dims = {"heads": ("num_attention_heads", cfg.num_heads), "kv_heads": ("num_key_value_heads", cfg.num_kv_heads),
-            "mlp": ("intermediate_size", cfg.intermediate_size), "vocab": ("vocab_size", cfg.vocab_size),
-            "embed": ("hidden_size", cfg.hidden_size), "head_dim": ("head_dim", cfg.head_dim)}
+    dims = [("heads", "num_attention_heads", cfg.num_heads), ("kv_heads", "num_key_value_heads", cfg.num_kv_heads),
+            ("mlp", "intermediate_size", cfg.intermediate_size), ("vocab", "vocab_size", cfg.vocab_size),
+            ("embed", "hidden_size", cfg.hidden_size), ("head_dim", "head_dim", cfg.head_dim)]
+    if cfg.moe is not None:
+        dims += [("mlp", "moe_intermediate_size", cfg.moe.intermediate_size), ("experts", "num_experts", cfg.moe.num_experts)]
+        if cfg.moe.shared_expert_intermediate_size:
+            dims.append(("mlp", "shared_expert_intermediate_size", cfg.moe.shared_expert_intermediate_size))
     problems = []
-    for logical, (field, n) in dims.items():
+    for logical, field, n in dims:
         axes = _mesh_axes(rules.get(logical))
         size = _axis_size(mesh, rules.get(logical))
         if size > 1 and n % size:
@@ -250,3 +262,20 @@ def shard_heads(fn: Callable, mesh: Mesh, rules: dict[str, MeshAxes] = RULES) ->
         # Pallas calls do not carry varying-manual-axes types; the specs above say it all.
         check_vma=False,
     )
+
+
+def shard_experts(fn: Callable, mesh: Mesh, rules: dict[str, MeshAxes] = RULES) -> Callable:
+    """Run `fn(rows, group_sizes, gate_up, down) -> out` (models.moe.experts) per shard of the
+    expert weights' "mlp" axis: each device computes its slice of every expert's intermediate
+    and the partial [M, H] outputs are summed over those mesh axes (the row-parallel down_proj's
+    all-reduce). Written out, not left to XLA's partitioner: it happens to keep the jnp loop
+    split, but a Pallas kernel behind `grouped_matmul` is a custom call it cannot split."""
+    gate_up, down = (logical_to_physical(PARAM_AXES[k], rules) for k in ("experts.gate_up_proj", "experts.down_proj"))
+    rows = logical_to_physical(EXPERT_ROWS_AXES, rules)
+    summed = _mesh_axes(rules["mlp"])
+
+    def body(*args):
+        out = fn(*args)
+        return jax.lax.psum(out, summed) if summed else out
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, P(), gate_up, down), out_specs=rows, check_vma=False)

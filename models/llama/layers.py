@@ -8,7 +8,7 @@ from flax import nnx
 Dtype = jnp.dtype
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Dtype, std: float = 0.02) -> jax.Array:
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Dtype, std: float = 0.02) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
@@ -19,7 +19,7 @@ class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int | tuple[int, ...], *, bias: bool, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs):
         out = (d_out,) if isinstance(d_out, int) else tuple(d_out)
-        self.weight = nnx.Param(_normal(rngs, (*out, d_in), param_dtype))
+        self.weight = nnx.Param(normal_init(rngs, (*out, d_in), param_dtype))
         self.bias = nnx.Param(jnp.zeros(out, param_dtype)) if bias else None
         self.dtype = dtype
 
@@ -33,7 +33,7 @@ class Linear(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_normal(rngs, (vocab, dim), param_dtype))
+        self.weight = nnx.Param(normal_init(rngs, (vocab, dim), param_dtype))
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [...] -> [..., dim]

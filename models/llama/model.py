@@ -2,7 +2,9 @@
 switches) as Flax NNX modules. Attribute names mirror Hugging Face's parameter names, so the
 flat state path of every parameter ("model.layers.0.self_attn.o_proj.weight") is its
 checkpoint name, except the fused q/k/v and gate/up projections ("...self_attn.qkv_proj.weight"
-stacks q_proj, k_proj and v_proj; models.loading.fused_weights maps them).
+stacks q_proj, k_proj and v_proj; models.loading.fused_weights maps them). A layer's
+feed-forward is the dense MLP or, where ModelConfig.moe says so (Mixtral, Qwen2/3-MoE), the
+mixture-of-experts block of models.moe.
 """
 
 import jax
@@ -13,6 +15,7 @@ from models.llama.attention import Attention, PagedAttentionFn, default_paged_at
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.llama.layers import MLP, Dtype, Embedding, Linear, RMSNorm
+from models.moe.sparse_moe_block import SparseMoeBlock
 from models.sharding import replicated, sequence_split
 
 
@@ -26,16 +29,22 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MLP(
-            cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        self.mlp = (
+            SparseMoeBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if cfg.is_moe_layer(layer)
+            else MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias,
+                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         )
 
     def __call__(self, x, kv_cache, meta, attention_fn, mesh=None, split=_unsplit):
         """`split`: sequence parallelism's constraint on the residual stream (CausalLM)."""
         h, kv_cache = self.self_attn(self.input_layernorm(x), kv_cache, meta, attention_fn, mesh)
         x = x + split(h)
-        return x + split(self.mlp(self.post_attention_layernorm(x))), kv_cache
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoeBlock):  # the bucket's padding tokens go to no expert
+            h = self.mlp(h, meta.cu_q_lens[meta.num_seqs.reshape(())], mesh)
+        else:
+            h = self.mlp(h)
+        return x + split(h), kv_cache
 
     def dense(self, x: jax.Array) -> jax.Array:
         x = x + self.self_attn.dense(self.input_layernorm(x))

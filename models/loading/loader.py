@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.loading import fused_weights
+from models.loading import expert_weights, fused_weights
 from models.config import ModelConfig
 from models.llama.model import CausalLM
 from models.sharding import check_divisible, param_sharding
@@ -61,7 +61,10 @@ def load_model(
     for path, var in flat:
         name = param_name(path)
         shape = var.get_value().shape
-        for source, source_shape in fused_weights.source_shapes(name, shape).items():
+        experts = expert_weights.handles(name)  # an MoE tensor, in one of its checkpoint layouts
+        sources = (expert_weights.source_shapes(name, shape, ckpt.__contains__) if experts
+                   else fused_weights.source_shapes(name, shape))
+        for source, source_shape in sources.items():
             if source not in ckpt:
                 raise MissingWeightError(f"weight {source!r} is missing from the checkpoint in {model_dir} "
                                          "(its config.json calls for it)")
@@ -71,8 +74,10 @@ def load_model(
                     f"expected {source_shape} from its config.json"
                 )
 
-        def block(index=None, name=name, shape=shape) -> np.ndarray:
+        def block(index=None, name=name, shape=shape, experts=experts) -> np.ndarray:
             # From the memory-mapped file: a device's block is paged in when it is copied.
+            if experts:
+                return expert_weights.read(name, shape, ckpt.__contains__, ckpt.__getitem__, index).astype(dtype, copy=False)
             return fused_weights.read(name, shape, ckpt.__getitem__, index).astype(dtype, copy=False)
 
         if mesh is None:  # device_put frees the host copy after
@@ -86,6 +91,7 @@ def load_model(
 
 def save_hf_checkpoint(model: CausalLM, out_dir: str | Path, dtype: Any = jnp.bfloat16, extra_config: dict | None = None) -> None:
     """Write config.json + model.safetensors (HF names) that transformers loads unchanged."""
+    config = hf_config_dict(model.config, dtype) | (extra_config or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, state = nnx.split(model)
@@ -93,11 +99,13 @@ def save_hf_checkpoint(model: CausalLM, out_dir: str | Path, dtype: Any = jnp.bf
     for p, v in nnx.to_flat_state(state):
         tensors |= fused_weights.unfuse(param_name(p), np.asarray(jax.device_get(v.get_value())).astype(dtype))
     save_safetensors(tensors, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(model.config, dtype) | (extra_config or {}), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> dict[str, Any]:
-    """A config.json for `cfg` (the inverse of ModelConfig.from_hf_dict)."""
+    """A config.json for `cfg` (the inverse of ModelConfig.from_hf_dict); dense families only."""
+    if cfg.moe is not None:
+        raise ValueError(f"writing {cfg.architecture} (mixture-of-experts) checkpoints is not supported")
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                   "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[cfg.architecture]
     rope = {"rope_type": cfg.rope_scaling.rope_type}

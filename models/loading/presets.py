@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig, ModelNotFoundError, RopeScaling
+from models.config import ModelConfig, ModelNotFoundError, MoeConfig, RopeScaling
 from models.llama.model import CausalLM
 from models.sharding import check_divisible, state_shardings
 
@@ -41,6 +41,20 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960,
         qk_norm=True, bos_token_id=151643, eos_token_ids=(151645,),
     ),
+    # Mixture-of-experts: 30.5B parameters, 3.3B active (8 of 128 experts a token).
+    "qwen3-30b-a3b": ModelConfig(
+        "Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960,
+        qk_norm=True, bos_token_id=151643, eos_token_ids=(151645,),
+        moe=MoeConfig(num_experts=128, num_experts_per_tok=8, intermediate_size=768, norm_topk_prob=True),
+    ),
+    # 46.7B parameters, 12.9B active (2 of 8 experts a token).
+    "mixtral-8x7b": ModelConfig(
+        "MixtralForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,),
+        moe=MoeConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=14336, norm_topk_prob=True),
+    ),
     # Tiny shapes for CPU tests.
     "tiny-llama": ModelConfig(
         "LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -49,6 +63,11 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-qwen3": ModelConfig(
         "Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512, qk_norm=True, eos_token_ids=(1,),
+    ),
+    "tiny-qwen3-moe": ModelConfig(
+        "Qwen3MoeForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512, qk_norm=True, eos_token_ids=(1,),
+        moe=MoeConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=True),
     ),
 }
 
