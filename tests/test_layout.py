@@ -215,7 +215,7 @@ def _cycle_through(start: str, members: set[str], adjacency: dict[str, list[str]
 
 # Inside jaxengine: its rooms, highest first; a room may import only rooms after it. Shared
 # modules (the user-facing value types) import no room and may be imported by any.
-JAXENGINE_ROOMS = ("entrypoints", "engine", "config", "worker", "core", "sample")
+JAXENGINE_ROOMS = ("entrypoints", "engine", "config", "worker", "core", "structured_output", "sample")
 JAXENGINE_SHARED = ("outputs", "sampling_params")
 
 
