@@ -52,8 +52,6 @@ class XgrammarBackend:
         g = self._xgr.Grammar
         if spec.kind == "json":
             return g.from_json_schema(spec.text, any_whitespace=spec.any_whitespace)
-        if spec.kind == "json_object":
-            return g.builtin_json_grammar()
         if spec.kind == "regex":
             return g.from_regex(spec.text)
         if spec.kind == "grammar":
@@ -71,8 +69,6 @@ class XgrammarBackend:
         """The compiled grammar (slow: every vocabulary token against the grammar's rules)."""
         if spec.kind == "json":
             return self.compiler.compile_json_schema(spec.text, any_whitespace=spec.any_whitespace)
-        if spec.kind == "json_object" and spec.any_whitespace:
-            return self.compiler.compile_builtin_json_grammar()
         return self.compiler.compile_grammar(self._grammar(spec))
 
     def matcher(self, compiled: Any) -> Matcher:

@@ -10,8 +10,8 @@ from jaxengine.sampling_params import StructuredOutputsParams
 
 class GrammarSpec(NamedTuple):
     """What a backend compiles: `kind` is "json" (a JSON schema's text, keys sorted so equal
-    schemas share a cache entry), "json_object", "regex" or "grammar" (EBNF); `choice` becomes an
-    EBNF grammar of its alternatives. `any_whitespace`: JSON may have free whitespace."""
+    schemas share a cache entry; json_object is the schema of any object), "regex" or "grammar"
+    (EBNF); `choice` becomes an EBNF grammar of its alternatives. `any_whitespace`: JSON may have free whitespace."""
 
     kind: str
     text: str
@@ -29,8 +29,8 @@ def grammar_spec(params: StructuredOutputsParams) -> GrammarSpec:
     if kind == "json":
         schema = params.json if isinstance(params.json, dict) else json.loads(params.json)
         return GrammarSpec("json", json.dumps(schema, sort_keys=True), ws)
-    if kind == "json_object":
-        return GrammarSpec("json_object", "", ws)
+    if kind == "json_object":  # any JSON object (OpenAI's json_object), not any JSON value
+        return GrammarSpec("json", '{"type": "object"}', ws)
     if kind == "choice":
         return GrammarSpec("grammar", "root ::= " + " | ".join(_ebnf_string(c) for c in params.choice))
     return GrammarSpec(kind, getattr(params, kind))
