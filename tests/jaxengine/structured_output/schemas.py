@@ -10,12 +10,14 @@ import re
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 8},
+        # Bounded by patterns, not maxLength: xgrammar 0.2.9's maxLength strings admit control
+        # characters (test_backend.py says so).
+        "name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z ]{0,7}$"},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"enum": ["admin", "user", "guest"]},
         "address": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 6}, "zip": {"type": "string", "pattern": "^[0-9]{3}$"}},
+            "properties": {"city": {"type": "string", "pattern": "^[a-z]{0,6}$"}, "zip": {"type": "string", "pattern": "^[0-9]{3}$"}},
             "required": ["city", "zip"],
             "additionalProperties": False,
         },
