@@ -91,6 +91,9 @@ class EngineConfig:
     # The grammar library of structured outputs (vLLM's --structured-outputs-backend). Only
     # "xgrammar" is built; "llguidance", vLLM's other choice, is refused with that message.
     structured_outputs_backend: str = "xgrammar"
+    # Constrained JSON without free whitespace for every request (each may also ask, with
+    # StructuredOutputsParams.disable_any_whitespace), as vLLM's structured_outputs_config option.
+    structured_outputs_disable_any_whitespace: bool = False
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
     # The Pallas kernel's body for prefill chunks (pallas_kernels.ragged_paged_attention's
     # prefill_body): "mosaic" (Mosaic GPU, Hopper only), "triton" (every token on the Triton

@@ -180,7 +180,8 @@ class EngineCore:
                 raise ValueError("structured outputs need a tokenizer; this model has none")
             self._structured = StructuredOutputManager(
                 self.config.structured_outputs_backend, self.tokenizer, self.model_config.vocab_size,
-                self.eos_token_ids, compile_threads=2)
+                self.eos_token_ids, compile_threads=2,
+                disable_any_whitespace=self.config.structured_outputs_disable_any_whitespace)
         return self._structured
 
     def abort_request(self, request_ids: str | list[str]) -> None:

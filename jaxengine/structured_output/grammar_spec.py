@@ -23,9 +23,10 @@ def _ebnf_string(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
-def grammar_spec(params: StructuredOutputsParams) -> GrammarSpec:
+def grammar_spec(params: StructuredOutputsParams, disable_any_whitespace: bool = False) -> GrammarSpec:
+    """`disable_any_whitespace`: the engine's default (either it or the request's turns it on)."""
     kind = params.kind
-    ws = not params.disable_any_whitespace
+    ws = not (params.disable_any_whitespace or disable_any_whitespace)
     if kind == "json":
         schema = params.json if isinstance(params.json, dict) else json.loads(params.json)
         return GrammarSpec("json", json.dumps(schema, sort_keys=True), ws)

@@ -47,12 +47,13 @@ def bitmask_words(vocab_size: int) -> int:
 
 class StructuredOutputManager:
     def __init__(self, backend: str, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 compile_threads: int = 2):
+                 compile_threads: int = 2, disable_any_whitespace: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"structured_outputs_backend must be one of {BACKENDS}, got {backend!r}")
         if tokenizer is None:
             raise ValueError("structured outputs need the model's tokenizer")
         self.vocab_size = vocab_size
+        self.disable_any_whitespace = disable_any_whitespace
         self.backend = XgrammarBackend(tokenizer, vocab_size, stop_token_ids, max_threads=compile_threads)
         self._pool = ThreadPoolExecutor(compile_threads, thread_name_prefix="grammar-compile")
         self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()
@@ -63,7 +64,7 @@ class StructuredOutputManager:
         """Check `params` (ValueError with the backend's message) and start compiling it (or
         reuse the cached grammar of an equal spec). Returns the spec; `grammar_request` makes
         each sample's matcher state from it."""
-        spec = grammar_spec(params)
+        spec = grammar_spec(params, self.disable_any_whitespace)
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
