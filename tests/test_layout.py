@@ -3,7 +3,7 @@
 The rules of docs/DESIGN.md:
 
 - layers import downward only: ``serving -> jaxengine -> models -> pallas_kernels``;
-- inside ``jaxengine`` likewise: ``entrypoints -> engine -> config -> worker -> core -> sample``
+- inside ``jaxengine`` likewise: ``entrypoints -> engine -> config -> worker -> core -> structured_output -> sample``
   (``outputs`` and ``sampling_params`` are shared by all and import none of them);
 - no import cycle between modules;
 - no module over ``MAX_LINES`` lines outside ``pallas_kernels/`` (kernel files hold a body,
@@ -295,7 +295,7 @@ def test_no_import_cycle():
 
 
 def test_jaxengine_rooms_import_downward():
-    # entrypoints -> engine -> config -> worker -> core -> sample (docs/DESIGN.md)
+    # entrypoints -> engine -> config -> worker -> core -> structured_output -> sample (docs/DESIGN.md)
     found = jaxengine_room_violations(_GRAPH)
     assert not found, "imports against jaxengine's rooms " + " -> ".join(JAXENGINE_ROOMS) + ":\n" + "\n".join(found)
 
