@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jaxengine.structured_output.backend import BACKENDS as STRUCTURED_OUTPUTS_BACKENDS
+from jaxengine.structured_output.backends import BACKENDS as STRUCTURED_OUTPUTS_BACKENDS
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _PREFILL_ATTENTION_BODIES = ("auto", "mosaic", "triton")  # pallas_kernels' PREFILL_BODIES
@@ -88,8 +88,8 @@ class EngineConfig:
     # 8B TP 2 start-up from 213 s to 144 s with 15 more programs; 8 threads ran out of device
     # memory outside JAX's allocator while autotuning.
     compile_threads: int | None = None
-    # The grammar library of structured outputs (vLLM's --structured-outputs-backend). Only
-    # "xgrammar" is built; "llguidance", vLLM's other choice, is refused with that message.
+    # The grammar library of structured outputs (vLLM's --structured-outputs-backend):
+    # "xgrammar" or "llguidance".
     structured_outputs_backend: str = "xgrammar"
     # Constrained JSON without free whitespace for every request (each may also ask, with
     # StructuredOutputsParams.disable_any_whitespace), as vLLM's structured_outputs_config option.
@@ -114,8 +114,7 @@ class EngineConfig:
                              f"got {self.prefill_attention_body!r}")
         if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
             raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, got "
-                             f"{self.structured_outputs_backend!r}" + (" (not supported yet)" if
-                             self.structured_outputs_backend == "llguidance" else ""))
+                             f"{self.structured_outputs_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):

@@ -47,7 +47,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel-min-tokens", type=int, default=None,
                    help="tensor parallel: steps of at least this many tokens split the residual stream by token")
     g.add_argument("--structured-outputs-backend", default="xgrammar", choices=["xgrammar", "llguidance"],
-                   help="grammar library of structured outputs (llguidance: not supported yet)")
+                   help="grammar library of structured outputs")
     g.add_argument("--structured-outputs-disable-any-whitespace", action="store_true",
                    help="constrained JSON has no free whitespace between tokens (weak models waste fewer tokens)")
     g.add_argument("--prefill-attention-body", default="auto", choices=["auto", "mosaic", "triton"],

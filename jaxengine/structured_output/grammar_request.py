@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxengine.structured_output.backend import Matcher
+from jaxengine.structured_output.backends import Matcher
 
 ALL_ALLOWED = -1  # an int32 bitmask word with every bit set
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jaxengine.sampling_params import StructuredOutputsParams
-from jaxengine.structured_output.backend import BACKENDS, XgrammarBackend
+from jaxengine.structured_output.backends import make_backend
 from jaxengine.structured_output.grammar_request import ALL_ALLOWED, GrammarRequest
 from jaxengine.structured_output.grammar_spec import GrammarSpec, grammar_spec
 
@@ -48,13 +48,11 @@ def bitmask_words(vocab_size: int) -> int:
 class StructuredOutputManager:
     def __init__(self, backend: str, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...],
                  compile_threads: int = 2, disable_any_whitespace: bool = False):
-        if backend not in BACKENDS:
-            raise ValueError(f"structured_outputs_backend must be one of {BACKENDS}, got {backend!r}")
         if tokenizer is None:
             raise ValueError("structured outputs need the model's tokenizer")
         self.vocab_size = vocab_size
         self.disable_any_whitespace = disable_any_whitespace
-        self.backend = XgrammarBackend(tokenizer, vocab_size, stop_token_ids, max_threads=compile_threads)
+        self.backend = make_backend(backend, tokenizer, vocab_size, stop_token_ids, max_threads=compile_threads)
         self._pool = ThreadPoolExecutor(compile_threads, thread_name_prefix="grammar-compile")
         self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()
         self._lock = threading.Lock()

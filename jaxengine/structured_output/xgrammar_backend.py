@@ -1,4 +1,4 @@
-"""Grammar backends: a `GrammarSpec` -> a compiled grammar -> per-request matchers.
+"""The xgrammar backend: a `GrammarSpec` -> a compiled grammar -> per-request matchers.
 
 `XgrammarBackend` holds the tokenizer's `xgrammar.TokenizerInfo` (built once per engine, over the
 model's vocabulary so masks cover every logit) and a `GrammarCompiler`. `check` is cheap (the
@@ -10,22 +10,10 @@ manager's thread pool.
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-
+from jaxengine.structured_output.backends import Matcher
 from jaxengine.structured_output.grammar_spec import GrammarSpec
-
-BACKENDS = ("xgrammar",)  # llguidance: not built yet (EngineConfig rejects it with this list)
-
-
-class Matcher(Protocol):
-    """A request's position in its grammar (xgrammar.GrammarMatcher's methods)."""
-
-    def accept_token(self, token_id: int) -> bool: ...
-    def fill_next_token_bitmask(self, bitmask: np.ndarray, index: int) -> bool: ...
-    def is_terminated(self) -> bool: ...
-    def rollback(self, num_tokens: int) -> None: ...
 
 
 def _message(e: Exception) -> str:
@@ -72,4 +60,4 @@ class XgrammarBackend:
         return self.compiler.compile_grammar(self._grammar(spec))
 
     def matcher(self, compiled: Any) -> Matcher:
-        return self._xgr.GrammarMatcher(compiled)
+        return self._xgr.GrammarMatcher(compiled)  # has Matcher's methods as they are
