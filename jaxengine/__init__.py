@@ -13,9 +13,9 @@ from jaxengine.engine.llm_engine import Engine
 from jaxengine.engine.step_timing import StepTiming
 from jaxengine.entrypoints.llm import LLM, generate
 from jaxengine.outputs import CompletionOutput, Logprob, OutputKind, RequestMetrics, RequestOutput
-from jaxengine.sampling_params import SamplingParams
+from jaxengine.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = [
     "AsyncEngine", "CompletionOutput", "DataParallelEngine", "Engine", "EngineConfig", "EngineProcess", "LLM", "Logprob",
-    "OutputKind", "RequestMetrics", "RequestOutput", "SamplingParams", "StepTiming", "generate", "make_engine",
+    "OutputKind", "RequestMetrics", "RequestOutput", "SamplingParams", "StepTiming", "StructuredOutputsParams", "generate", "make_engine",
 ]

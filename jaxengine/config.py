@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from jaxengine.structured_output.backends import BACKENDS as STRUCTURED_OUTPUTS_BACKENDS
+
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _PREFILL_ATTENTION_BODIES = ("auto", "mosaic", "triton")  # pallas_kernels' PREFILL_BODIES
 
@@ -86,6 +88,12 @@ class EngineConfig:
     # 8B TP 2 start-up from 213 s to 144 s with 15 more programs; 8 threads ran out of device
     # memory outside JAX's allocator while autotuning.
     compile_threads: int | None = None
+    # The grammar library of structured outputs (vLLM's --structured-outputs-backend):
+    # "xgrammar" or "llguidance".
+    structured_outputs_backend: str = "xgrammar"
+    # Constrained JSON without free whitespace for every request (each may also ask, with
+    # StructuredOutputsParams.disable_any_whitespace), as vLLM's structured_outputs_config option.
+    structured_outputs_disable_any_whitespace: bool = False
     use_pallas: bool | None = None  # None: the Pallas kernel on GPU, the jnp reference elsewhere
     # The Pallas kernel's body for prefill chunks (pallas_kernels.ragged_paged_attention's
     # prefill_body): "mosaic" (Mosaic GPU, Hopper only), "triton" (every token on the Triton
@@ -104,6 +112,9 @@ class EngineConfig:
         if self.prefill_attention_body not in _PREFILL_ATTENTION_BODIES:
             raise ValueError(f"prefill_attention_body must be one of {', '.join(_PREFILL_ATTENTION_BODIES)}, "
                              f"got {self.prefill_attention_body!r}")
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, got "
+                             f"{self.structured_outputs_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):

@@ -6,8 +6,10 @@ names the field, the value and the allowed range, never deep inside a jitted ste
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 MAX_STOP_STRINGS = 16  # stop strings are matched on the host every step; keep it cheap
 MAX_STOP_TOKEN_IDS = 64  # the device sampler masks them before min_tokens: a fixed-size slot
@@ -22,6 +24,73 @@ def _is_int(x: object) -> bool:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output to a grammar (vLLM's names): exactly one of `json` (a JSON
+    schema, as a dict or its JSON text), `regex`, `choice` (one of these strings), `grammar`
+    (EBNF, xgrammar's GBNF dialect) or `json_object=True` (any JSON object).
+
+    Checked here only for shape (one field set, JSON text that parses, non-empty strings): whether
+    the backend can compile it is checked when the request is added, with the backend's message.
+    `disable_any_whitespace`: JSON without free whitespace between tokens (vLLM's option; a weak
+    model cannot then spend its budget on blank lines).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        set_ = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(set_) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
+                f"got {', '.join(set_) if set_ else 'none'}")
+        if isinstance(self.json, str):
+            try:
+                parsed = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(parsed, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        elif self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(f"structured_outputs.json must be a dict or JSON text, got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {v!r}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                                 f"got {self.choice!r}")
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs.disable_any_whitespace must be a bool")
+
+    @property
+    def kind(self) -> str:
+        """Which of KINDS is set."""
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StructuredOutputsParams:
+        """From a JSON body (HTTP, gRPC's JSON form): unknown keys are a ValueError naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"structured_outputs must be an object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"structured_outputs has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
 
 
 @dataclass
@@ -54,6 +123,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -95,6 +165,10 @@ class SamplingParams:
                     f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {v!r}"
                 )
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
 
     @property
     def has_penalties(self) -> bool:
@@ -103,9 +177,10 @@ class SamplingParams:
 
     @property
     def has_per_step_work(self) -> bool:
-        """Logit bias, min_tokens, penalties or top logprobs: sampler work beyond the plain
-        greedy / temperature / top-k / top-p variants, done row by row every step."""
-        return bool(self.logit_bias or self.min_tokens or self.has_penalties or self.logprobs)
+        """Logit bias, min_tokens, penalties, top logprobs or a grammar's token mask: sampler work
+        beyond the plain greedy / temperature / top-k / top-p variants, done row by row every step."""
+        return bool(self.logit_bias or self.min_tokens or self.has_penalties or self.logprobs
+                    or self.structured_outputs is not None)
 
     @property
     def is_greedy(self) -> bool:

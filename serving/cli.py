@@ -46,6 +46,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode steps per dispatch when every running request decodes (1: off)")
     g.add_argument("--sequence-parallel-min-tokens", type=int, default=None,
                    help="tensor parallel: steps of at least this many tokens split the residual stream by token")
+    g.add_argument("--structured-outputs-backend", default="xgrammar", choices=["xgrammar", "llguidance"],
+                   help="grammar library of structured outputs")
+    g.add_argument("--structured-outputs-disable-any-whitespace", action="store_true",
+                   help="constrained JSON has no free whitespace between tokens (weak models waste fewer tokens)")
     g.add_argument("--prefill-attention-body", default="auto", choices=["auto", "mosaic", "triton"],
                    help="attention kernel for prefill tokens (auto: Mosaic GPU on Hopper, Triton elsewhere)")
 
@@ -79,7 +83,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         stream_interval=args.stream_interval, num_scheduler_steps=args.num_scheduler_steps,
         sequence_parallel_min_tokens=args.sequence_parallel_min_tokens,
-        prefill_attention_body=args.prefill_attention_body,
+        prefill_attention_body=args.prefill_attention_body, structured_outputs_backend=args.structured_outputs_backend,
+        structured_outputs_disable_any_whitespace=args.structured_outputs_disable_any_whitespace,
     ) | ({} if args.max_n is None else dict(max_n=args.max_n))
 
 

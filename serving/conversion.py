@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxengine.outputs import CompletionOutput, RequestOutput
-from jaxengine.sampling_params import SamplingParams
+from jaxengine.sampling_params import SamplingParams, StructuredOutputsParams
 from serving.generated import engine_pb2 as pb
 
 MAX_PROMPT_CHARS = 1 << 20  # text beyond this cannot fit any context we serve; reject before tokenizing
@@ -37,10 +37,23 @@ def sampling_params(p: pb.SamplingParams, defaults: Mapping[str, Any] | None = N
         stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), include_stop_str_in_output=p.include_stop_str_in_output,
         ignore_eos=p.ignore_eos, min_tokens=p.min_tokens, logit_bias=dict(p.logit_bias),
     )
+    if p.HasField("structured_outputs"):
+        kw["structured_outputs"] = structured_outputs(p.structured_outputs)
     if any(t < 0 for t in kw["stop_token_ids"]):
         raise ValueError(f"sampling_params.stop_token_ids must be token ids >= 0, got {[t for t in kw['stop_token_ids'] if t < 0][:5]}")
     try:
         return SamplingParams(**kw)
+    except ValueError as e:
+        raise ValueError(f"sampling_params.{e}") from None
+
+
+def structured_outputs(so: pb.StructuredOutputs) -> StructuredOutputsParams:
+    kind = so.WhichOneof("constraint")
+    if kind is None:
+        raise ValueError("sampling_params.structured_outputs: set one of json, regex, choice, grammar, json_object")
+    value = list(so.choice.choices) if kind == "choice" else getattr(so, kind)
+    try:
+        return StructuredOutputsParams(**{kind: value}, disable_any_whitespace=so.disable_any_whitespace)
     except ValueError as e:
         raise ValueError(f"sampling_params.{e}") from None
 

@@ -69,6 +69,7 @@ class Request:
         "status",
         "stop_reason",
         "block_hashes",
+        "structured_output",
     )
 
     def __init__(
@@ -115,6 +116,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string
         self.block_hashes: list[bytes] = []  # one per FULL block, filled lazily by the KV manager
+        # A constrained request's grammar state (jaxengine.structured_output.GrammarRequest), set
+        # by the engine when it is added; the scheduler admits it once its grammar is compiled.
+        self.structured_output = None
 
     @property
     def num_tokens(self) -> int:

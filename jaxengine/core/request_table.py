@@ -6,8 +6,8 @@ reported)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 from jaxengine.core.request import Request, RequestStatus, sample_request_ids
 from jaxengine.core.sched.scheduler import Scheduler
@@ -64,7 +64,8 @@ class CoreRequests:
     """The engine core's requests, from `add` until their last sample's finish is reported:
     each request's samples (fanned out here), their sampling seeds, the samples finished
     outside a step (aborts, stop strings) not yet reported, and how many live requests use
-    penalties (those force synchronous steps)."""
+    penalties (those force synchronous steps)
+    or structured outputs (their steps' samplers wait for grammar masks)."""
 
     def __init__(self, scheduler: Scheduler, seed: int) -> None:
         self.scheduler = scheduler
@@ -72,6 +73,7 @@ class CoreRequests:
         self.seeds: dict[str, int] = {}  # sample id -> sampling seed (the runner reads it)
         self.finished_outside: list[Request] = []
         self.num_penalised = 0
+        self.num_constrained = 0  # live requests with structured outputs (their steps fill masks)
         self._rng = random.Random(seed)
 
     def __contains__(self, request_id: object) -> bool:
@@ -83,15 +85,19 @@ class CoreRequests:
     def __iter__(self) -> Iterator[str]:
         return iter(self.table)
 
-    def add(self, root: Request) -> list[str]:
+    def add(self, root: Request, grammar: Callable[[], Any] | None = None) -> list[str]:
         """Queue a request (fanned out into its samples when n > 1) with the scheduler;
-        returns its sample ids. ValueError if it is there already or could never run."""
+        returns its sample ids. ValueError if it is there already or could never run.
+        `grammar`: makes each sample's own grammar state (structured outputs)."""
         rid = root.request_id
         if rid in self.table:
             raise ValueError(f"request id {rid!r} is already in use")
         params = root.sampling_params
         samples = root.fan_out() if params.n > 1 else [root]
         added: list[str] = []
+        if grammar is not None:
+            for sample in samples:
+                sample.structured_output = grammar()
         try:
             for sample in samples:
                 self.scheduler.add_request(sample)
@@ -101,6 +107,8 @@ class CoreRequests:
             raise
         if params.has_penalties:
             self.num_penalised += 1  # back when the request is done
+        if params.structured_outputs is not None:
+            self.num_constrained += 1
         for sample in samples:
             seed = sample.sampling_params.seed
             self.seeds[sample.request_id] = self._rng.getrandbits(32) if seed is None else seed
@@ -140,4 +148,6 @@ class CoreRequests:
         self.table.remove(parent)
         if req.sampling_params.has_penalties:
             self.num_penalised -= 1
+        if req.sampling_params.structured_outputs is not None:
+            self.num_constrained -= 1
         return parent

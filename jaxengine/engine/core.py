@@ -41,6 +41,7 @@ from jaxengine.engine.step_timing import StepTiming
 from jaxengine.engine.tokenizer import apply_chat_template
 from jaxengine.outputs import Logprob
 from jaxengine.sampling_params import SamplingParams
+from jaxengine.structured_output.manager import StructuredOutputManager
 from jaxengine.worker.attention_backend import attention_fn
 from jaxengine.worker.compilation import use_persistent_compilation_cache
 from jaxengine.worker.kv_capacity import claim_device_memory, kv_storage_dtype
@@ -59,6 +60,16 @@ class _InFlight(NamedTuple):
     inputs: StepInputs
     result: Any  # the runner's sampled tokens (and logprobs), on the device
     prompt_logprobs: Any  # the runner's prompt logprobs on the device, or None
+
+
+class _Deferred(NamedTuple):
+    """A step with constrained rows whose forward is dispatched and whose sampler waits for the
+    grammar masks, which need the tokens of the step before it."""
+
+    out: SchedulerOutput
+    inputs: StepInputs
+    logits: Any  # [S, V] on the device
+    prompt_logprobs: Any
 
 
 class _Collected(NamedTuple):
@@ -128,6 +139,7 @@ class EngineCore:
         self._max_steps = 1 if self._leader is not None else config.num_scheduler_steps
         self._scheduled: dict[str, FirstScheduled] = {}  # for the next output
         self._in_flight: _InFlight | None = None
+        self._structured: StructuredOutputManager | None = None  # made by the first constrained request
         # Live: the loop that drives this engine adds its own (engine_process); see step_timing().
         self.timing = StepTiming()
 
@@ -150,8 +162,27 @@ class EngineCore:
         Raises ValueError for input that can never run (empty, too long, bad token ids,
         bad sampling parameters, n above max_n)."""
         self.input_processor.check_request(prompt_token_ids, params)
+        grammar = None
+        if params.structured_outputs is not None:
+            manager = self.structured_outputs()
+            spec = manager.request(params.structured_outputs)  # ValueError: the backend's message
+            grammar = lambda: manager.grammar_request(spec)  # noqa: E731  (one matcher per sample)
         return self.requests.add(Request(request_id, prompt_token_ids, params, arrival_time=arrival_time,
-                                         priority=priority, eos_token_id=self.eos_token_ids))
+                                         priority=priority, eos_token_id=self.eos_token_ids), grammar)
+
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The grammar backend, its cache and compile threads (made once, on first use: an engine
+        that never sees a constrained request never builds the tokenizer's grammar tables)."""
+        if self._structured is None:
+            if self._leader is not None:
+                raise ValueError("structured outputs are not supported with host_loop_on_process_zero yet")
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this model has none")
+            self._structured = StructuredOutputManager(
+                self.config.structured_outputs_backend, self.tokenizer, self.model_config.vocab_size,
+                self.eos_token_ids, compile_threads=2,
+                disable_any_whitespace=self.config.structured_outputs_disable_any_whitespace)
+        return self._structured
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Abort requests (ids as added) at any time; blocks are freed now, the finish is
@@ -194,12 +225,16 @@ class EngineCore:
         prev = self._in_flight
         prev_out, prev_result = prev.out, prev.result
         nxt = self.scheduler.schedule(self.scheduler.decode_steps(self._max_steps))
-        new = None
+        new = deferred = None
         if nxt.scheduled:
             prev_rows = {s.request.request_id: i for i, s in enumerate(prev_out.scheduled) if s.sample}
             inputs = self.runner.prepare(nxt, self._seeds, prev_rows)
             # N+1 continues from N's (last step's) tokens, one row per request.
-            new = _InFlight(nxt, inputs, *self._dispatch(inputs, nxt.num_steps, prev_result.token_ids))
+            if self.requests.num_constrained and nxt.num_steps == 1:
+                # Its grammar masks need N's tokens: only the forward goes now, the sampler after.
+                deferred = _Deferred(nxt, inputs, *self.runner.run_forward(inputs, prev_result.token_ids))
+            else:
+                new = _InFlight(nxt, inputs, *self._dispatch(inputs, nxt.num_steps, prev_result.token_ids))
             self._mark_scheduled(nxt)
         t_dispatch = time.perf_counter()
         sampled, before = self._collect(prev_out, prev_result)  # waits for step N
@@ -209,7 +244,11 @@ class EngineCore:
             timing.host_bound_steps += 1
             timing.critical_seconds += t_dispatch - t0
         timing.wait_seconds += wait
-        updated = self.scheduler.update(prev_out, sampled)
+        updated = self.scheduler.update(prev_out, sampled)  # matchers advance by N's tokens
+        if deferred is not None:  # while N+1's forward runs on the device
+            mask = self._grammar_bitmask(deferred.out, deferred.inputs)
+            new = _InFlight(deferred.out, deferred.inputs,
+                            self.runner.run_sampler(deferred.logits, deferred.inputs, mask), deferred.prompt_logprobs)
         self._in_flight = new
         return _Collected(prev, updated, before)
 
@@ -234,10 +273,24 @@ class EngineCore:
         nxt = self.scheduler.schedule(self.scheduler.decode_steps(self._max_steps))
         if nxt.scheduled:
             inputs = self.runner.prepare(nxt, self._seeds)
-            self._in_flight = _InFlight(nxt, inputs, *self._dispatch(inputs, nxt.num_steps))
+            if self.requests.num_constrained and nxt.num_steps == 1:
+                mask = self._grammar_bitmask(nxt, inputs)
+                self._in_flight = _InFlight(nxt, inputs, *self.runner.execute(inputs, None, mask))
+            else:
+                self._in_flight = _InFlight(nxt, inputs, *self._dispatch(inputs, nxt.num_steps))
+        elif self._structured is not None and self.scheduler.waiting:  # maybe all wait for grammars
+            self._structured.wait_for_compiles(0.01)
             self.timing.critical_seconds += time.perf_counter() - t_ready
             self._mark_scheduled(nxt)
         return done
+
+    def _grammar_bitmask(self, out: SchedulerOutput, inputs: StepInputs) -> np.ndarray | None:
+        """The step's packed token bitmask (None: no constrained row samples), from matchers
+        that have accepted every token before this step."""
+        t0 = time.perf_counter()
+        mask = self._structured.bitmask(out.scheduled, len(inputs.sampling.temperature))
+        self.timing.grammar_mask_seconds += time.perf_counter() - t0
+        return mask
 
     def _dispatch(self, inputs: StepInputs, num_steps: int, prev_tokens: jax.Array | None = None) -> tuple[Any, Any]:
         """Run a step (or a multi-step decode) on the device: the runner's (result, prompt
@@ -341,6 +394,8 @@ class EngineCore:
         if self._leader is not None:
             self._leader.stop()
             self._leader = None
+        if self._structured is not None:
+            self._structured.close()
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (as vLLM's `reset_prefix_cache`): benchmarks start runs

@@ -54,6 +54,8 @@ def load_model_and_tokenizer(
         dtype = _DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
         model = random_model(config.model, dtype, seed=config.seed, mesh=mesh)
         mcfg = model.config
+        if tokenizer is None and config.tokenizer:  # random weights, a real tokenizer (benchmarks)
+            tokenizer = load_tokenizer(config.tokenizer)
     else:
         mcfg = config_of_model(config.model)  # names the presets for a name that is neither
         name = config.dtype if config.dtype != "auto" else (mcfg.torch_dtype or "bfloat16")

@@ -16,6 +16,7 @@ class StepTiming:
     # From collecting a step to dispatching the next: the device surely idles meanwhile.
     critical_seconds: float = 0.0
     host_bound_steps: int = 0  # steps whose result was ready before the host came for it
+    grammar_mask_seconds: float = 0.0  # filling structured outputs' token bitmasks on the host
     # An engine process's loop around the steps (jaxengine.engine.engine_process): its
     # clients' commands, sending the outputs, and when its last busy spell started and
     # ended (time.perf_counter(), one clock for every process on Linux).

@@ -13,6 +13,9 @@ Processing order follows vLLM V1:
    that occurs is divided by `p` when > 0 and multiplied by `p` otherwise; then
    `- frequency_penalty * (#occurrences in the output)` and
    `- presence_penalty * (occurs in the output)`.
+3b. **grammar mask** (structured outputs; only in batches with a constrained row) -- tokens the
+   row's grammar does not allow next become `-inf` (jaxengine.sample.grammar_mask), before
+   temperature, min-p and top-k/top-p, so greedy rows too take the best allowed token.
 4. **temperature** -- rows with `temperature < 1e-5` are greedy: argmax of the logits after
    steps 2-3 (steps 5-6 never change the argmax). Other rows are divided by `temperature`.
 5. **min_p** -- drop tokens with `p < min_p * p_max` (done in log space:
@@ -44,6 +47,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxengine.sample.grammar_mask import apply_token_bitmask
 from jaxengine.sample.metadata import SAMPLING_EPS, SamplingTensors
 
 _NEG_INF = float("-inf")
@@ -184,14 +188,18 @@ def sample(
     use_top_k_top_p: bool = True,
     use_penalties: bool = True,
     all_greedy: bool = False,
+    token_bitmask: jax.Array | None = None,
 ) -> SamplerOutput:
     """Sample one token per row of `logits` [S, V] (see the module docstring for order and semantics).
 
-    Keyword arguments are static (pick the compiled variant); `num_logprobs` must be <= V.
+    Keyword arguments but `token_bitmask` are static (pick the compiled variant); `num_logprobs`
+    must be <= V. `token_bitmask` [S, ceil(V/32)] int32: the rows' allowed tokens (None: all).
     """
     S, V = logits.shape
     logits = logits.astype(jnp.float32)
     x = apply_penalties_and_bias(logits, t, use_penalties=use_penalties)
+    if token_bitmask is not None:
+        x = apply_token_bitmask(x, token_bitmask)
     temp = t.temperature.astype(jnp.float32)
     greedy = temp < SAMPLING_EPS
     if all_greedy:

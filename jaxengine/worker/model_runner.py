@@ -141,10 +141,12 @@ class ModelRunner:
             prompt = PromptLogprobArrays(logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
             return model.compute_logits(hidden[meta.logits_indices]), kv_caches, prompt
 
-        def sample_packed(logits, buf, layout, variant: SamplerVariant) -> SamplerOutput:
+        def sample_packed(logits, buf, token_bitmask, layout, variant: SamplerVariant) -> SamplerOutput:
             """sample(), its tensors from one packed buffer; token_ids padded to [S_max] so the
-            next step's forward takes them in one shape whatever this step's S bucket."""
-            out = sample(logits, unpack_sampling(buf, layout), **variant._asdict())
+            next step's forward takes them in one shape whatever this step's S bucket.
+            `token_bitmask` [S, W] int32 or None: None is a program of its own (jit keys on it),
+            so batches without a constrained row never see the mask."""
+            out = sample(logits, unpack_sampling(buf, layout), token_bitmask=token_bitmask, **variant._asdict())
             return dataclasses.replace(out, token_ids=jnp.pad(out.token_ids, (0, s_max - out.token_ids.shape[0])))
 
         def multi_decode(state_leaves, kv_caches, buf, sampling_buf, prev_token_ids, layout, sampling_layout,
@@ -236,7 +238,7 @@ class ModelRunner:
         s = self.buckets.seqs[-1]
         buf, layout = self._sampling_buf(s)
         logits = jax.ShapeDtypeStruct((s, self.config.vocab_size), jnp.float32, sharding=self.device)
-        analysis = self._sample.lower(logits, buf, layout=layout, variant=PLAIN_VARIANTS[2]).compile().memory_analysis()
+        analysis = self._sample.lower(logits, buf, None, layout=layout, variant=PLAIN_VARIANTS[2]).compile().memory_analysis()
         return 0 if analysis is None else int(
             analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
 
@@ -266,11 +268,20 @@ class ModelRunner:
     # ------------------------------------------------------------------ device side
 
     def execute(
-        self, inputs: StepInputs, prev_token_ids: jax.Array | None = None
+        self, inputs: StepInputs, prev_token_ids: jax.Array | None = None, token_bitmask: np.ndarray | None = None,
     ) -> tuple[SamplerOutput, PromptLogprobArrays | None]:
         """Dispatch the step; returns device arrays (asynchronous until read).
         `prev_token_ids`: the running step's sampled tokens ([S_max], on the device), for
-        inputs.token_src."""
+        inputs.token_src. `token_bitmask`: as for `run_sampler`."""
+        logits, prompt = self.run_forward(inputs, prev_token_ids)
+        return self.run_sampler(logits, inputs, token_bitmask), prompt
+
+    def run_forward(
+        self, inputs: StepInputs, prev_token_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, PromptLogprobArrays | None]:
+        """The step's forward alone: logits [S, V] (and prompt logprobs) on the device. A step
+        with constrained rows dispatches it before the previous step's tokens are on the host,
+        and its sampler (`run_sampler`) once they are and its grammar masks are filled."""
         prompt = None
         buf, layout = pack(step_arrays(inputs))
         prev = self.no_prev_tokens if prev_token_ids is None else prev_token_ids
@@ -279,8 +290,13 @@ class ModelRunner:
         else:
             logits, self.kv_caches, prompt = self._forward_prompt(
                 self.state, self.kv_caches, buf, prev, inputs.prompt_rows, inputs.prompt_targets, layout=layout)
+        return logits, prompt
+
+    def run_sampler(self, logits: jax.Array, inputs: StepInputs, token_bitmask: np.ndarray | None = None) -> SamplerOutput:
+        """The step's sampler over `run_forward`'s logits [S, V]; `token_bitmask` [S, ceil(V/32)]
+        int32: the allowed tokens of each row (structured outputs), None when no row is constrained."""
         sampling, sampling_layout = pack(sampling_arrays(inputs.sampling))
-        return self._sample(logits, sampling, layout=sampling_layout, variant=inputs.variant), prompt
+        return self._sample(logits, sampling, token_bitmask, layout=sampling_layout, variant=inputs.variant)
 
     def execute_multi(
         self, inputs: StepInputs, num_steps: int, prev_token_ids: jax.Array | None = None
@@ -319,8 +335,9 @@ class ModelRunner:
         def sampler(s: int, variant: SamplerVariant) -> Program:
             buf, layout = self._sampling_buf(s)
             logits = jax.device_put(jnp.zeros((s, self.config.vocab_size), jnp.float32), self.device)
-            return Program(f"sampler S={s} {variant}", lambda: self._sample.lower(logits, buf, layout=layout, variant=variant),
-                           lambda: self._sample(logits, buf, layout=layout, variant=variant))
+            return Program(f"sampler S={s} {variant}",
+                           lambda: self._sample.lower(logits, buf, None, layout=layout, variant=variant),
+                           lambda: self._sample(logits, buf, None, layout=layout, variant=variant))
 
         def multi_step(t: int, s: int, variant: SamplerVariant) -> Program:
             (buf, layout), (sbuf, slayout) = self._forward_args(t, s), self._sampling_buf(s)

@@ -36,6 +36,7 @@ from serving.openai_api.protocol import (
 )
 from serving.openai_api.results import RequestResult, SampleResult, usage
 from serving.openai_api.sampling import check_model, include_usage, sampling_params
+from serving.openai_api.structured_outputs import response_format_params
 from serving.openai_api.streaming import (
     DONE,
     Started,
@@ -80,9 +81,6 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 def _check(req: ChatCompletionRequest) -> int | None:
     """The top-logprobs count (None: no logprobs), after the checks the fields need."""
-    if req.response_format is not None and req.response_format.type != "text":
-        raise invalid(f"response_format {req.response_format.type!r} is not supported yet (it needs guided decoding); "
-                      "only 'text'", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs needs logprobs: true", param="top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None
@@ -93,8 +91,13 @@ async def create_chat_completion(gate: EngineGate, req: ChatCompletionRequest, r
     with_usage = include_usage(req)
     k = _check(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = sampling_params(req, gate.sampling_defaults, max_tokens=max_tokens, logprobs=k)
     tools = tool_setup(req, gate.options)
+    constraint = response_format_params(req.response_format)
+    if constraint is not None and tools.structured_outputs is not None:
+        raise invalid("response_format cannot be combined with a forced tool_choice ('required' or a named function)",
+                      param="response_format")
+    params = sampling_params(req, gate.sampling_defaults, max_tokens=max_tokens, logprobs=k,
+                             structured_outputs=constraint or tools.structured_outputs)
     messages = template_messages(req.messages)
     strings = TokenStrings(gate.tokenizer())
     prompt = await gate.call(render_chat, messages, gate.chat_template, tools.tools)
@@ -129,7 +132,7 @@ def _choice(j: int, s: SampleResult, k: int | None, strings: TokenStrings, tools
         calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
                  for c in extracted.tool_calls]
     lp = None if k is None else ChatLogprobs(content=chat_logprobs(s.token_ids, s.logprobs, k, strings))
-    finish = "tool_calls" if calls and s.finish_reason == "stop" else s.finish_reason
+    finish = "tool_calls" if calls and s.finish_reason == "stop" and not tools.named else s.finish_reason
     return ChatChoice(index=j, message=ChatMessageOut(content=content, tool_calls=calls), logprobs=lp,
                       finish_reason=finish, stop_reason=s.stop_reason)
 
@@ -161,7 +164,7 @@ async def _events(gate: EngineGate, first: list[Started], response_id: str, n: i
                 else:
                     delta = DeltaMessage(content=o.text or None)
                 finish = o.finish_reason
-                if finish == "stop" and o.index in called:
+                if finish == "stop" and o.index in called and not tools.named:
                     finish = "tool_calls"
                 lp = None
                 if k is not None and o.token_ids:

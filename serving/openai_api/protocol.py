@@ -5,7 +5,7 @@ Requests are strict (`true` is not a number, "3" is not an integer) and every sa
 defaults to None, "unset": it then takes the server's `sampling_defaults` (the model's
 generation_config.json) or SamplingParams' own default (`sampling.py`). Unknown fields are
 ignored, as vLLM does; fields we cannot honour yet (`suffix`, `best_of` above `n`, a
-`response_format` other than text) are rejected by the routes, never ignored.
+`response_format` types other than text, json_object, json_schema) are rejected by the routes, never ignored.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ class SamplingFields(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     stop_token_ids: list[int] | None = None
+    # vLLM's structured outputs extra: {"json": SCHEMA} | {"regex": R} | {"choice": [...]} | {"grammar": EBNF}
+    # | {"json_object": true} (jaxengine.StructuredOutputsParams' fields)
+    structured_outputs: dict[str, Any] | None = None
 
 
 def _check_prompt(value: Any) -> Any:
@@ -125,8 +128,19 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    # "schema" would shadow BaseModel.schema: the field is schema_, spelt "schema" on the wire.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
-    type: str
+    type: str  # "text", "json_object" or "json_schema"; the route says which are allowed
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

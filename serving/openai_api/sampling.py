@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jaxengine.sampling_params import SamplingParams
+from jaxengine.sampling_params import SamplingParams, StructuredOutputsParams
 from serving.openai_api.errors import ApiError, invalid
 from serving.openai_api.protocol import SamplingFields
 
@@ -26,6 +26,14 @@ def sampling_params(request: SamplingFields, defaults: Mapping[str, Any], **fiel
     kw: dict[str, Any] = dict(defaults)
     kw.update({name: getattr(request, name) for name in _FIELDS if getattr(request, name) is not None})
     kw.update(fields)
+    if request.structured_outputs is not None:
+        if fields.get("structured_outputs") is not None:
+            raise invalid("structured_outputs cannot be combined with response_format or a forced tool_choice",
+                          param="structured_outputs")
+        try:
+            kw["structured_outputs"] = StructuredOutputsParams.from_dict(request.structured_outputs)
+        except (TypeError, ValueError) as e:
+            raise invalid(str(e), param="structured_outputs") from None
     try:
         return SamplingParams(**kw)
     except ValueError as e:

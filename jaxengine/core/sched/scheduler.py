@@ -217,8 +217,12 @@ class Scheduler:
 
         # 2. Waiting requests (not after a preemption: blocks are short this step).
         waiting = self.waiting
+        compiling: list[Request] = []  # constrained requests whose grammar is not compiled yet
         while not preempted and not lookahead and budget > 0 and waiting and len(running) < cfg.max_num_seqs:
             req = waiting.peek()
+            if req.structured_output is not None and not req.structured_output.is_ready():
+                compiling.append(waiting.pop())  # stays out of the batch; the others go on
+                continue
             hits, num_hit = kv.get_computed_blocks(req)
             num_tokens = len(req.all_token_ids)
             num_new = num_tokens - num_hit
@@ -248,6 +252,8 @@ class Scheduler:
                 )
             )
             budget -= num_new
+        for req in reversed(compiling):
+            waiting.add_front(req)
 
         # Advance at schedule time (as vLLM V1), so the next schedule() may run before this
         # step's update(): the sampled token becomes a pending one until update() brings it.
@@ -327,12 +333,18 @@ class Scheduler:
             params = req.sampling_params
             out_ids = req.output_token_ids
             all_ids = req.all_token_ids
+            grammar = req.structured_output
             for tok in new_tokens:
                 out_ids.append(tok)
                 all_ids.append(tok)
                 # Stop conditions, inlined (this runs for every token of every request).
                 num_out = len(out_ids)
-                if num_out >= req.max_tokens or len(all_ids) >= max_model_len:
+                if grammar is not None and (not grammar.accept(tok) or grammar.is_terminated()):
+                    # A finished grammar ends the request ("stop"); a token it rejects (only when
+                    # the mask left nothing, e.g. min_tokens hiding the one allowed EOS) aborts it.
+                    status = (RequestStatus.FINISHED_STOPPED if grammar.is_terminated()
+                              else RequestStatus.FINISHED_ABORTED)
+                elif num_out >= req.max_tokens or len(all_ids) >= max_model_len:
                     status = RequestStatus.FINISHED_LENGTH_CAPPED
                 elif num_out < params.min_tokens:
                     continue

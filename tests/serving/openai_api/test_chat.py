@@ -79,15 +79,14 @@ def test_chat_logprobs_are_the_engines(client, llm):
     assert [x.logprob for x in streamed] == pytest.approx([x.logprob for x in content], abs=1e-5)
 
 
-def test_tools_need_a_parser_and_required_is_refused(client):
+def test_auto_tools_need_a_parser_and_a_named_tool_must_exist(client):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="default", messages=MESSAGES, tools=[tool], max_tokens=4)
     assert "--enable-auto-tool-choice" in e.value.message and e.value.body["param"] == "tool_choice"
-    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
-        with pytest.raises(openai.BadRequestError, match="not supported yet"):
-            client.chat.completions.create(model="default", messages=MESSAGES, tools=[tool], tool_choice=choice,
-                                           max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="'g', which is not in tools") as e:
+        client.chat.completions.create(model="default", messages=MESSAGES, tools=[tool], max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "g"}})
     # "none": no parsing, and the tools stay out of the prompt.
     resp = client.chat.completions.create(model="default", messages=MESSAGES, tools=[tool], tool_choice="none",
                                           max_tokens=4, **GREEDY)

@@ -52,7 +52,10 @@ def test_bad_chat_fields_are_400(client):
                       (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
                        "messages[0].content[0].type"),
                       (dict(messages=MESSAGES, top_logprobs=2), "top_logprobs"),
-                      (dict(messages=MESSAGES, response_format={"type": "json_object"}), "response_format")):
+                      (dict(messages=MESSAGES, response_format={"type": "xml"}), "response_format.type"),
+                      (dict(messages=MESSAGES, response_format={"type": "json_schema"}), "response_format.json_schema"),
+                      (dict(messages=MESSAGES, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}),
+                       "structured_outputs")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="default", **kw)
         assert e.value.body["param"] == param, e.value.body
