@@ -278,10 +278,10 @@ class EngineCore:
                 self._in_flight = _InFlight(nxt, inputs, *self.runner.execute(inputs, None, mask))
             else:
                 self._in_flight = _InFlight(nxt, inputs, *self._dispatch(inputs, nxt.num_steps))
-        elif self._structured is not None and self.scheduler.waiting:  # maybe all wait for grammars
-            self._structured.wait_for_compiles(0.01)
             self.timing.critical_seconds += time.perf_counter() - t_ready
             self._mark_scheduled(nxt)
+        elif self._structured is not None and self.scheduler.waiting:  # maybe all wait for grammars
+            self._structured.wait_for_compiles(0.01)
         return done
 
     def _grammar_bitmask(self, out: SchedulerOutput, inputs: StepInputs) -> np.ndarray | None:

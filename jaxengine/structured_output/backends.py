@@ -1,7 +1,8 @@
-"""The grammar backends an engine may use (`structured_outputs_backend`), what each must offer,
-and `make_backend`. A backend turns a `GrammarSpec` into a compiled grammar (`check` cheaply on
+"""The grammar backends an engine may use (`structured_outputs_backend`), what each must offer.
+A backend turns a `GrammarSpec` into a compiled grammar (`check` cheaply on
 the request's way in, `compile` on the manager's thread pool) and makes per-request `Matcher`s;
-both fill masks in one packed layout: bit t % 32 of int32 word t // 32 is token t."""
+both fill masks in one packed layout: bit t % 32 of int32 word t // 32 is token t. The manager
+(manager.py `make_backend`) picks one by name."""
 
 from __future__ import annotations
 
@@ -29,17 +30,3 @@ class GrammarBackend(Protocol):
     def check(self, spec: GrammarSpec) -> None: ...  # ValueError with the library's message
     def compile(self, spec: GrammarSpec) -> Any: ...
     def matcher(self, compiled: Any) -> Matcher: ...
-
-
-def make_backend(name: str, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 max_threads: int = 2) -> GrammarBackend:
-    """`tokenizer`: the engine's Hugging Face tokenizer; `vocab_size`: the model's logits width."""
-    if name == "xgrammar":
-        from jaxengine.structured_output.xgrammar_backend import XgrammarBackend
-
-        return XgrammarBackend(tokenizer, vocab_size, stop_token_ids, max_threads=max_threads)
-    if name == "llguidance":
-        from jaxengine.structured_output.llguidance_backend import LlguidanceBackend
-
-        return LlguidanceBackend(tokenizer, vocab_size, stop_token_ids)
-    raise ValueError(f"structured_outputs_backend must be one of {', '.join(BACKENDS)}, got {name!r}")

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jaxengine.sampling_params import StructuredOutputsParams
-from jaxengine.structured_output.backends import make_backend
+from jaxengine.structured_output.backends import BACKENDS, GrammarBackend
 from jaxengine.structured_output.grammar_request import ALL_ALLOWED, GrammarRequest
 from jaxengine.structured_output.grammar_spec import GrammarSpec, grammar_spec
 
@@ -109,3 +109,23 @@ class StructuredOutputManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_backend(name: str, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 max_threads: int = 2) -> GrammarBackend:
+    """The backend `name`; `tokenizer`: the engine's Hugging Face tokenizer; `vocab_size`: the logits width."""
+    if name in BACKENDS:
+        try:
+            __import__(name)
+        except ImportError:
+            raise ValueError(f"structured outputs with the {name} backend need the {name} package: "
+                             "pip install 'jaxengine[structured-outputs]'") from None
+    if name == "xgrammar":
+        from jaxengine.structured_output.xgrammar_backend import XgrammarBackend
+
+        return XgrammarBackend(tokenizer, vocab_size, stop_token_ids, max_threads=max_threads)
+    if name == "llguidance":
+        from jaxengine.structured_output.llguidance_backend import LlguidanceBackend
+
+        return LlguidanceBackend(tokenizer, vocab_size, stop_token_ids)
+    raise ValueError(f"structured_outputs_backend must be one of {', '.join(BACKENDS)}, got {name!r}")

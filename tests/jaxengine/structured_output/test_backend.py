@@ -6,7 +6,8 @@ from transformers import AutoTokenizer
 
 from jaxengine.config import default_model_dir
 from jaxengine.sampling_params import StructuredOutputsParams
-from jaxengine.structured_output.backends import BACKENDS, make_backend
+from jaxengine.structured_output.backends import BACKENDS
+from jaxengine.structured_output.manager import make_backend
 from jaxengine.structured_output.grammar_spec import GrammarSpec, grammar_spec
 from tests.jaxengine.structured_output.schemas import EBNF
 
