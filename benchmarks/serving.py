@@ -41,6 +41,7 @@ import concurrent.futures
 import json
 import math
 import multiprocessing
+import os
 import random
 import statistics
 import subprocess
@@ -48,7 +49,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from jaxengine.engine.step_timing import StepTiming
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 # first on the import path (`python benchmarks/serving.py` puts benchmarks/ there).
 _ROOT = str(Path(__file__).resolve().parents[1])
 sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from serving import event_loop  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- load generator (child process)
@@ -198,13 +201,13 @@ class _WithMetadata:
         return self._stub.Generate(req, metadata=self._md)
 
 
-def run_load(target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4, start_at=None):
+def run_load(target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4, start_at=None, loop="auto"):
     """Entry point of a spawned client process: (records, seconds from start to the last call's end)."""
-    return asyncio.run(_load(target, reqs, rate, max_concurrency, seed, api_key, num_channels, start_at))
+    return event_loop.run(_load(target, reqs, rate, max_concurrency, seed, api_key, num_channels, start_at), loop)
 
 
 def run_load_split(pool, num_procs: int, target, reqs, rate, max_concurrency, seed, api_key=None, num_channels=4,
-                   start_at: float | None = None):
+                   start_at: float | None = None, loop: str = "auto"):
     """The load spread over `num_procs` client processes of `pool` (one Python process
     receives ~10 k streamed messages/s): each sends every num_procs-th request, at
     rate / num_procs (Poisson arrivals merge into Poisson at `rate`), all from `start_at`
@@ -213,7 +216,7 @@ def run_load_split(pool, num_procs: int, target, reqs, rate, max_concurrency, se
         start_at = time.perf_counter() + 1.0
     per_proc = None if max_concurrency is None else max(1, math.ceil(max_concurrency / num_procs))
     parts = [pool.submit(run_load, target, reqs[i::num_procs], rate / num_procs, per_proc, seed + i, api_key,
-                         num_channels, start_at) for i in range(num_procs)]
+                         num_channels, start_at, loop) for i in range(num_procs)]
     results = [f.result() for f in parts]
     return [r for records, _ in results for r in records], max(d for _, d in results)
 
@@ -272,6 +275,29 @@ def print_summary(name: str, s: dict) -> None:
         print(f"{label:<42}{value}")
     if s["errors"]:
         print("errors:", *s["errors"], sep="\n  ")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ProcessGroups(NamedTuple):
+    """The benchmark's processes, by role, for where a run's CPU went."""
+
+    groups: dict[str, list[int]]
+
+    def sample(self) -> dict[str, list[float]]:
+        return {name: [_cpu_seconds(p) for p in pids] for name, pids in self.groups.items()}
+
+    @staticmethod
+    def busy(before: dict[str, list[float]], after: dict[str, list[float]], seconds: float) -> dict[str, list[float]]:
+        """Each process's CPU use over the run, in cores (1.0: one core all the time)."""
+        return {name: [round((b - a) / seconds, 3) for a, b in zip(before[name], after[name])] for name in before}
 
 
 # ---------------------------------------------------------------------------- offline reference (engine thread)
@@ -404,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="launch mode: gRPC front-end processes on the port (needs --engine-process; serving/frontends.py)")
     p.add_argument("--num-client-processes", type=int, default=1, help="load-generator processes the calls are split over")
     p.add_argument("--bench-seed", type=int, default=0)
+    p.add_argument("--loop", choices=event_loop.LOOPS, default="auto",
+                   help="event loop of the launched server and of the client processes (serving/event_loop.py)")
     p.add_argument("--json", default=None, help="write the results here")
     _add_engine_args(p)
     args = p.parse_args(argv)
@@ -435,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             async_engine = AsyncEngine(Engine(EngineConfig.from_kwargs(args.model, **kw)))
         print(f"engine ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        options = ServeOptions(port=0, model_name=args.model or "default", reuse_port=args.api_server_count > 1,
+        options = ServeOptions(port=0, model_name=args.model or "default", reuse_port=args.api_server_count > 1, loop=args.loop,
                                http_port=0 if args.backend == "openai" else None)
         server = BackgroundServer(async_engine, options)
         target = server.address if args.backend == "grpc" else f"http://{options.host}:{server.server.http_port}"
@@ -505,10 +533,12 @@ def main(argv: list[str] | None = None) -> int:
         watcher = concurrent.futures.ThreadPoolExecutor(1).submit(_watch_queue, async_engine, done) \
             if async_engine is not None else None
         start_at = time.perf_counter() + 1.0
+        cpu_before, cpu_t0 = procs.sample(), time.perf_counter()
         records, duration = run_load_split(pool, nproc, target, reqs, rate, args.max_concurrency, args.bench_seed,
-                                           args.api_key, args.num_channels, start_at)
+                                           args.api_key, args.num_channels, start_at, args.loop)
         done.set()
         s = summarize(records, duration)
+        s["cpu_cores"] = ProcessGroups.busy(cpu_before, procs.sample(), time.perf_counter() - max(cpu_t0, start_at))
         if before is not None:
             after = async_engine.call(_timing).result()
             s["engine"] = _engine_delta(before, after, s["total_output_tokens"], duration)
@@ -518,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                 # process on Linux, CLOCK_MONOTONIC).
                 s["engine"].update(ramp_s=after.busy_start - start_at, tail_s=start_at + duration - after.busy_end)
         print_summary(name, s)
+        print("CPU cores busy per process: " + "; ".join(f"{k} {' '.join(f'{c:.2f}' for c in v)}"
+                                                      for k, v in s["cpu_cores"].items()))
         return s
 
     def offline() -> dict:
@@ -530,7 +562,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with concurrent.futures.ProcessPoolExecutor(nproc, mp_context=ctx) as pool:
         # Warm-up through the whole path (and the client processes' imports).
-        run_load_split(pool, nproc, target, reqs[: min(8 * nproc, len(reqs))], math.inf, None, 1, args.api_key, 1)
+        run_load_split(pool, nproc, target, reqs[: min(8 * nproc, len(reqs))], math.inf, None, 1, args.api_key, 1,
+                       loop=args.loop)
+        groups = {"this (server)": [os.getpid()], "clients": list(pool._processes)}
+        if args.engine_process and async_engine is not None:
+            groups["engine"] = [async_engine.process.pid]
+        if frontends is not None:
+            groups["front-ends"] = frontends.pids
+        procs = ProcessGroups(groups)
         result["runs"] = {}
         for rate in rates:
             name = f"rate={rate:g}" + (f", max_concurrency={args.max_concurrency}" if args.max_concurrency else "")

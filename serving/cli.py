@@ -23,6 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from serving import event_loop
+from serving.event_loop import LOOPS
+
 ECHO_CHARS = 200  # `generate` echoes at most this much of a prompt: its end, which the completion continues
 
 
@@ -180,7 +183,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
     import os
 
     from jaxengine.config import EngineConfig
@@ -232,13 +234,14 @@ def _serve(args: argparse.Namespace) -> int:
             sampling_defaults=sampling_defaults(args), http_port=args.http_port or None,
             allowed_origins=_origins(args.allowed_origins), http_max_body_bytes=args.http_max_body_bytes,
             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+            loop=args.loop,
         )
         config = EngineConfig.from_kwargs(args.model, **kwargs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(options, config, progress=not args.quiet, engine_process=engine_process,
-                             api_server_count=args.api_server_count))
+    return event_loop.run(serve(options, config, progress=not args.quiet, engine_process=engine_process,
+                                api_server_count=args.api_server_count), options.loop)
 
 
 def _origins(values: list[str] | None) -> tuple[str, ...]:
@@ -327,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="front-end processes sharing the gRPC and HTTP ports over the one engine process (vLLM's name); "
                           "one carries ~10k streamed messages/s")
     srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
+    srv.add_argument("--loop", choices=LOOPS, default="auto",
+                     help="event loop of the servers (uvicorn's flag): auto takes uvloop where installed")
     h = srv.add_argument_group("HTTP (OpenAI-compatible API, on --host)")
     h.add_argument("--http-port", type=int, default=8000,
                    help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...); 0: off")

@@ -35,6 +35,7 @@ import threading
 import time
 
 from jaxengine.engine.engine_process import EngineClient
+from serving import event_loop
 from serving.metrics import MetricFamilies
 from serving.server import EngineServer, ServeOptions
 from serving.watchdog import Probe, engine_probe, first_death, process_probe
@@ -129,7 +130,7 @@ class FrontendProcesses:
 
 def _frontend_main(options, engine_conn, control) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process turns Ctrl-C into SIGTERM
-    raise SystemExit(asyncio.run(_frontend(options, engine_conn, control)))
+    raise SystemExit(event_loop.run(_frontend(options, engine_conn, control), options.loop))
 
 
 async def _frontend(options: ServeOptions, engine_conn, control) -> int:

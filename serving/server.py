@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jaxengine.engine.async_engine import StreamingEngine
 from serving.auth import ApiKeyInterceptor
+from serving import event_loop
 from serving.metrics import ServingMetrics
 from serving.openai_api.options import HttpOptions
 from serving.servicer import SERVICE_NAME, EngineServicer, add_to_server
@@ -61,6 +62,7 @@ class ServeOptions:
     enable_auto_tool_choice: bool = False  # tool_choice "auto" needs it, as in vLLM
     # A front-end process's HTTP /metrics: the serving process's metrics endpoint (serving/frontends.py).
     http_metrics_url: str | None = None
+    loop: str = "auto"  # the event loop (serving/event_loop.py): auto takes uvloop where installed
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -71,6 +73,7 @@ class ServeOptions:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port (--http-port) must be in [0, 65535], got {self.http_port}")
+        event_loop.loop_factory(self.loop)  # an unknown name, or uvloop asked for and missing
         self.http_options()  # its checks (the tool-call parser's name, ...) now, not at start
 
     def http_options(self) -> HttpOptions:
@@ -241,10 +244,10 @@ class BackgroundServer:
     (or none yet: health stays NOT_SERVING until `set_engine`)."""
 
     def __init__(self, engine: StreamingEngine | None, options: ServeOptions | None = None):
-        self.loop = asyncio.new_event_loop()
+        self.options = options or ServeOptions(port=0)
+        self.loop = event_loop.loop_factory(self.options.loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, name="jaxengine-grpc", daemon=True)
         self.thread.start()
-        self.options = options or ServeOptions(port=0)
         self.server = self.run(self._make())
         self.port = self.run(self.server.start())
         if engine is not None:
