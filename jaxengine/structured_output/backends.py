@@ -6,6 +6,7 @@ both fill masks in one packed layout: bit t % 32 of int32 word t // 32 is token 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,3 +31,6 @@ class GrammarBackend(Protocol):
     def check(self, spec: GrammarSpec) -> None: ...  # ValueError with the library's message
     def compile(self, spec: GrammarSpec) -> Any: ...
     def matcher(self, compiled: Any) -> Matcher: ...
+    # Every matcher's next-token mask into its row of `bitmask` [S, W] int32, on the library's
+    # own threads: a batch's masks are on the step's critical path.
+    def fill_rows(self, matchers: Sequence[Matcher], bitmask: np.ndarray, rows: Sequence[int]) -> None: ...

@@ -5,8 +5,6 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Callable
 
-import numpy as np
-
 from jaxengine.structured_output.backends import Matcher
 
 ALL_ALLOWED = -1  # an int32 bitmask word with every bit set
@@ -15,7 +13,7 @@ ALL_ALLOWED = -1  # an int32 bitmask word with every bit set
 class GrammarRequest:
     """Held by the request (`Request.structured_output`). The scheduler admits it once
     `is_ready()` (its grammar compiled off the step loop); then the matcher follows every accepted
-    token, and each step fills the request's bitmask row before the sampler runs."""
+    token, and each step fills the request's bitmask row (manager.py) before the sampler runs."""
 
     __slots__ = ("_future", "_make_matcher", "matcher", "num_accepted")
 
@@ -54,11 +52,3 @@ class GrammarRequest:
         """Undo the last `num_tokens` accepted tokens (rejected speculative tokens)."""
         self.matcher.rollback(num_tokens)
         self.num_accepted -= num_tokens
-
-    def fill(self, bitmask: np.ndarray, row: int) -> None:  # bitmask [S, W] int32
-        """Write the allowed next tokens into `bitmask[row]` (all allowed once terminated: the
-        step's token for a finished request is dropped anyway)."""
-        if self.matcher is None or self.matcher.is_terminated():
-            bitmask[row] = ALL_ALLOWED
-        else:
-            self.matcher.fill_next_token_bitmask(bitmask, row)

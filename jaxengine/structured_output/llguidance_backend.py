@@ -9,6 +9,7 @@ the scheduler then finishes the request ("stop") on the last content token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,8 @@ class LlguidanceBackend:
 
         self._matcher_cls = llguidance.LLMatcher
         self._fill = llguidance.numpy.fill_next_token_bitmask
+        self._fill_par = llguidance.numpy.fill_next_token_bitmask_par
+        self._executor = llguidance.LLExecutor()  # its own thread pool
         self._to_lark = any_to_lark
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
@@ -76,3 +79,6 @@ class LlguidanceBackend:
 
     def matcher(self, compiled: str) -> Matcher:
         return _LlguidanceMatcher(self._matcher_cls(self.tokenizer, compiled, log_level=0), self._fill)
+
+    def fill_rows(self, matchers: Sequence[Matcher], bitmask: np.ndarray, rows: Sequence[int]) -> None:
+        self._fill_par(self._executor, [(m._m, row) for m, row in zip(matchers, rows)], bitmask)

@@ -93,10 +93,12 @@ class StructuredOutputManager:
         if not rows:
             return None
         mask = np.full((num_rows, bitmask_words(self.vocab_size)), ALL_ALLOWED, np.int32)
-        for i, grammar in rows:
-            if scheduled[i].request.is_finished:
-                continue  # finished by the step just collected: this step's token is dropped
-            grammar.fill(mask, i)
+        # Rows left all-allowed: requests finished by the step just collected (this step's token
+        # is dropped) and grammars that have terminated.
+        live = [(i, g.matcher) for i, g in rows
+                if not scheduled[i].request.is_finished and g.matcher is not None and not g.matcher.is_terminated()]
+        if live:
+            self.backend.fill_rows([m for _, m in live], mask, [i for i, _ in live])
         return mask
 
     def wait_for_compiles(self, timeout: float) -> None:

@@ -76,3 +76,31 @@ def test_max_length_strings_reject_control_characters(backend, tokenizer):
         pytest.xfail("xgrammar 0.2.9: a string with maxLength admits control characters (its bounded-length rule "
                      "is [^\"\\\\\\r\\n]), so its JSON may not parse")
     assert not _accepts(backend, tokenizer, spec, '"a\x16b"')
+
+
+def test_batched_fill_matches_one_row_at_a_time(backend, tokenizer):
+    """fill_rows (the library's threads) writes each matcher's mask into its own row, the same
+    bits as one matcher at a time, and leaves the other rows alone."""
+    import numpy as np
+
+    from jaxengine.structured_output.manager import bitmask_words
+
+    spec = grammar_spec(StructuredOutputsParams(json={"type": "object", "properties": {"n": {"type": "integer"}}}))
+    compiled = backend.compile(spec)
+    prefixes = ["", '{"n"', '{"n": 1', '{"n": 12}']
+    matchers = []
+    for text in prefixes:
+        m = backend.matcher(compiled)
+        for tok in tokenizer.encode(text, add_special_tokens=False):
+            assert m.accept_token(tok)
+        matchers.append(m)
+    words = bitmask_words(len(tokenizer))
+    rows = [5, 0, 3, 1]
+    batched = np.full((6, words), 7, np.int32)
+    backend.fill_rows(matchers, batched, rows)
+    for m, row in zip(matchers, rows):
+        one = np.zeros((1, words), np.int32)
+        m.fill_next_token_bitmask(one, 0)
+        np.testing.assert_array_equal(batched[row], one[0])
+    assert (batched[[2, 4]] == 7).all()
+    assert len({batched[r].tobytes() for r in rows}) == len(rows)  # the prefixes allow different tokens
