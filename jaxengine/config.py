@@ -11,6 +11,10 @@ from jaxengine.structured_output.backends import BACKENDS as STRUCTURED_OUTPUTS_
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _PREFILL_ATTENTION_BODIES = ("auto", "mosaic", "triton")  # pallas_kernels' PREFILL_BODIES
+# models.quantization.scheme.QUANTIZATION_METHODS (tests/jaxengine/test_config.py checks they
+# agree; spelled out here so that making a config imports no model code).
+QUANTIZATION_METHODS = ("fp8", "int8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 def default_model_dir() -> Path:
@@ -36,6 +40,14 @@ class EngineConfig:
     model: str = ""  # checkpoint dir, or a preset name (random weights) from models.PRESETS
     tokenizer: str | None = None  # default: the model dir
     dtype: str = "auto"  # auto: the checkpoint's torch_dtype (bf16 for presets)
+    # vLLM's: "fp8" (decoder linears in float8_e4m3fn with per-channel scales, activations
+    # quantized per token: W8A8) or "int8" (weight-only, per channel); None: the checkpoint's
+    # own (a pre-quantized FP8 checkpoint runs as FP8), else unquantized. Embeddings, norms and
+    # lm_head stay in `dtype`. See models.quantization.
+    quantization: str | None = None
+    # "auto": the KV cache in the model's dtype. "fp8" is accepted here but not implemented
+    # yet (the engine refuses it at construction).
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -109,6 +121,11 @@ class EngineConfig:
             self.model = str(default_model_dir())
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or None), "
+                             f"got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.prefill_attention_body not in _PREFILL_ATTENTION_BODIES:
             raise ValueError(f"prefill_attention_body must be one of {', '.join(_PREFILL_ATTENTION_BODIES)}, "
                              f"got {self.prefill_attention_body!r}")

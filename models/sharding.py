@@ -176,6 +176,14 @@ def logical_to_physical(logical_axes: Sequence[str | None], rules: dict[str, Mes
 
 def param_logical_axes(name: str) -> tuple[str, ...]:
     key = ".".join(name.split(".")[-2:])
+    module, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+    # A quantized linear's scales (models.quantization.quantized_linear): weight_scale [*out]
+    # has the weight's axes less the contracting one, so it is split with the output rows;
+    # the static input_scale [] is one number, replicated.
+    if leaf == "weight_scale" and f"{module}.weight" in PARAM_AXES:
+        return PARAM_AXES[f"{module}.weight"][:-1]
+    if leaf == "input_scale" and f"{module}.weight" in PARAM_AXES:
+        return ()
     if key not in PARAM_AXES:
         raise KeyError(f"no logical axes for parameter {name!r} (add {key!r} to models.sharding.PARAM_AXES)")
     return PARAM_AXES[key]

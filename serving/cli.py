@@ -34,6 +34,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="checkpoint dir or preset name (default: the shipped code model)")
     g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    g.add_argument("--quantization", default=None, choices=["fp8", "int8"],
+                   help="fp8: W8A8 decoder linears (per-channel weights, per-token activations); int8: weight-only "
+                        "(default: the checkpoint's own, else none)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV cache dtype (fp8 is not implemented yet)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -80,7 +85,8 @@ def sampling_defaults(args: argparse.Namespace) -> dict:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+        tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,

@@ -89,6 +89,9 @@ class EngineCore:
         """`mesh`: the [dp=1, tp] device mesh this engine runs on (default: built from
         config.tensor_parallel_size; None when it is 1: everything on the first device).
         data_parallel_size > 1 is several engines: see jaxengine.engine.data_parallel."""
+        if config.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not implemented yet (the paged attention "
+                             "kernels read the KV cache in the model's dtype only); use kv_cache_dtype='auto'")
         claim_device_memory(config.gpu_memory_utilization)  # before anything starts JAX's backends
         config.resolve_platform_defaults()
         self.config = config
@@ -99,7 +102,8 @@ class EngineCore:
         self.model_config, model, self.tokenizer = loaded.config, loaded.model, loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = resolve_max_model_len(config, self.model_config)
-        self.dtype = jax.tree.leaves(model)[0].dtype  # the weights' and activations'
+        # The activations' (and unquantized weights') dtype; a quantized model's linears hold 8-bit weights.
+        self.dtype = model.model.embed_tokens.weight.get_value().dtype
         self.kv_dtype = kv_storage_dtype(self.dtype)
         self.runner = ModelRunner(
             model, num_blocks=None, block_size=config.block_size, max_model_len=self.max_model_len,

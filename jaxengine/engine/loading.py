@@ -50,9 +50,13 @@ def load_model_and_tokenizer(
     checkpoint config.model with its tokenizer (config.tokenizer, else the model dir)."""
     if model is not None:
         mcfg = model.config
+        have = model.quant and model.quant.method
+        if config.quantization is not None and have != config.quantization:
+            raise ValueError(f"quantization={config.quantization!r}, but the model given is "
+                             f"{'unquantized' if have is None else 'quantized with ' + repr(have)}")
     elif config.model in PRESETS:
         dtype = _DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
-        model = random_model(config.model, dtype, seed=config.seed, mesh=mesh)
+        model = random_model(config.model, dtype, seed=config.seed, mesh=mesh, quantization=config.quantization)
         mcfg = model.config
         if tokenizer is None and config.tokenizer:  # random weights, a real tokenizer (benchmarks)
             tokenizer = load_tokenizer(config.tokenizer)
@@ -61,12 +65,16 @@ def load_model_and_tokenizer(
         name = config.dtype if config.dtype != "auto" else (mcfg.torch_dtype or "bfloat16")
         if name not in _DTYPES:
             name = "bfloat16"
-        model = load_model(config.model, _DTYPES[name], mesh=mesh)
+        model = load_model(config.model, _DTYPES[name], mesh=mesh, quantization=config.quantization)
         if tokenizer is None:
             try:
                 tokenizer = load_tokenizer(config.tokenizer or config.model)
             except (FileNotFoundError, ValueError, OSError) as e:
                 log.warning("no tokenizer (%s): token ids in and out only", e)
+    if model.quant is not None:
+        log.info("quantization %s (%s matmuls): q/k/v, o, gate/up and down in %s with per-channel scales; "
+                 "embeddings, norms and lm_head unquantized", model.quant.method, model.quant.path.value,
+                 model.quant.weight_dtype.name)
     eos = eos_token_ids(tokenizer, mcfg.eos_token_ids) if tokenizer else tuple(mcfg.eos_token_ids)
     return LoadedModel(mcfg, model, tokenizer, eos)
 

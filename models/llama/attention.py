@@ -14,7 +14,8 @@ from flax import nnx
 import pallas_kernels
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
-from models.llama.layers import Dtype, Linear, RMSNorm
+from models.llama.layers import Dtype, RMSNorm, linear
+from models.quantization.scheme import QuantScheme
 from models.llama.rope import apply_rope, inverse_frequencies
 from models.sharding import shard_heads
 
@@ -31,12 +32,13 @@ def default_paged_attention() -> PagedAttentionFn:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 quant: QuantScheme | None = None):
         h, d = cfg.hidden_size, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
         # q, k and v as one matmul (models.loading.fused_weights): per KV head, its G query heads, k, v.
-        self.qkv_proj = Linear(h, (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, d), bias=cfg.qkv_bias, **kw)
-        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, **kw)
+        self.qkv_proj = linear(h, (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, d), bias=cfg.qkv_bias, **kw)
+        self.o_proj = linear(cfg.num_heads * d, h, bias=cfg.o_bias, **kw)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
             self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)

@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.quantization.quantized_linear import QuantizedLinear
+from models.quantization.scheme import QuantScheme
+
 Dtype = jnp.dtype
 
 
@@ -29,6 +32,15 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def linear(d_in: int, d_out: int | tuple[int, ...], *, bias: bool, dtype: Dtype, param_dtype: Dtype,
+           rngs: nnx.Rngs, quant: QuantScheme | None = None) -> Linear | QuantizedLinear:
+    """A decoder linear (q/k/v, o, gate/up, down): 8-bit when the model is quantized
+    (models.quantization); embeddings, norms, lm_head and routers stay in the model dtype."""
+    if quant is None:
+        return Linear(d_in, d_out, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return QuantizedLinear(d_in, d_out, bias=bias, dtype=dtype, param_dtype=param_dtype, scheme=quant)
 
 
 class Embedding(nnx.Module):
@@ -56,10 +68,11 @@ class RMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul (models.loading.fused_weights)."""
 
-    def __init__(self, dim: int, hidden: int, *, bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_up_proj = Linear(dim, (hidden, 2), **kw)  # [I, 2, dim]: gate and up rows side by side
-        self.down_proj = Linear(hidden, dim, **kw)
+    def __init__(self, dim: int, hidden: int, *, bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 quant: QuantScheme | None = None):
+        kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
+        self.gate_up_proj = linear(dim, (hidden, 2), **kw)  # [I, 2, dim]: gate and up rows side by side
+        self.down_proj = linear(hidden, dim, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., dim]
         gate_up = self.gate_up_proj(x)  # [..., I, 2]

@@ -16,6 +16,7 @@ from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.llama.layers import MLP, Dtype, Embedding, Linear, RMSNorm
 from models.moe.sparse_moe_block import SparseMoeBlock
+from models.quantization.scheme import QuantScheme
 from models.sharding import replicated, sequence_split
 
 
@@ -24,15 +25,16 @@ def _unsplit(x: jax.Array) -> jax.Array:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 quant: QuantScheme | None = None):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = (
             SparseMoeBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if cfg.is_moe_layer(layer)
             else MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias,
-                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
         )
 
     def __call__(self, x, kv_cache, meta, attention_fn, mesh=None, split=_unsplit):
@@ -52,23 +54,28 @@ class DecoderLayer(nnx.Module):
 
 
 class Backbone(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 quant: QuantScheme | None = None):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(cfg.num_layers)]
+            [DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
+             for i in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
 class CausalLM(nnx.Module):
-    """`__call__` runs one engine step over the ragged batch; `dense_logits` trains."""
+    """`__call__` runs one engine step over the ragged batch; `dense_logits` trains. `quant`
+    (models.quantization): the decoder linears hold 8-bit weights; lm_head never does."""
 
     def __init__(
-        self, cfg: ModelConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, rngs: nnx.Rngs
+        self, cfg: ModelConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, rngs: nnx.Rngs,
+        quant: QuantScheme | None = None,
     ):
         param_dtype = param_dtype or dtype
         self.config = cfg
-        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.quant = quant
+        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
         self.lm_head = (
             None if cfg.tie_word_embeddings
             else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

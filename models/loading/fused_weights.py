@@ -44,6 +44,15 @@ def is_fused(name: str) -> bool:
     return _split(name) is not None
 
 
+def source_names(name: str) -> list[str]:
+    """The checkpoint names behind a parameter name, in stacking order (itself when unfused)."""
+    split = _split(name)
+    if split is None:
+        return [name]
+    prefix, module, suffix = split
+    return [prefix + source + suffix for source in FUSED[module]]
+
+
 def _parts(fused_shape: tuple[int, ...], n_sources: int) -> list[int]:
     return [fused_shape[1] - (n_sources - 1)] + [1] * (n_sources - 1)
 

@@ -18,7 +18,10 @@ import numpy as np
 from flax import nnx
 
 from models.loading import expert_weights, fused_weights
-from models.config import ModelConfig
+from models.config import ModelConfig, read_json
+from models.loading.quantized_weights import QuantizedWeights
+from models.quantization.checkpoint_formats import checkpoint_quantization
+from models.quantization.scheme import MatmulPath, QuantScheme, resolve_scheme
 from models.llama.model import CausalLM
 from models.sharding import check_divisible, param_sharding
 from models.loading.safetensors import CheckpointError, SafetensorsCheckpoint, save_safetensors
@@ -31,9 +34,9 @@ class MissingWeightError(CheckpointError, KeyError):
     __str__ = CheckpointError.__str__  # the message, not KeyError's quoted repr of it
 
 
-def abstract_model(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> CausalLM:
+def abstract_model(cfg: ModelConfig, dtype: Any = jnp.bfloat16, quant: QuantScheme | None = None) -> CausalLM:
     """The module with ShapeDtypeStruct leaves: shapes and names, no memory."""
-    return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, quant=quant, rngs=nnx.Rngs(0)))
 
 
 def param_name(path: tuple) -> str:
@@ -45,24 +48,38 @@ def load_model(
     dtype: Any = jnp.bfloat16,
     sharding: jax.sharding.Sharding | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    quantization: str | None = None,
+    matmul_path: MatmulPath | str | None = None,
 ) -> CausalLM:
     """Load a checkpoint dir into a CausalLM whose parameters live on `sharding`'s devices
     (default: the first local device), or, with `mesh`, split over it by models.sharding's
-    rules: each device receives (and the host reads from the mapped file) only its slice."""
+    rules: each device receives (and the host reads from the mapped file) only its slice.
+
+    `quantization` ("fp8", "int8"; models.quantization): the decoder linears quantized per
+    output channel as they load. A checkpoint whose config.json has a quantization_config loads
+    in its own FP8 format whatever `quantization` is None or "fp8". `matmul_path` overrides
+    the scheme's default matmul (models.quantization.scheme.default_matmul_path)."""
     cfg = ModelConfig.from_pretrained(model_dir)
+    config_path = Path(model_dir) / "config.json"
+    published = checkpoint_quantization(read_json(config_path), config_path)  # a pre-quantized format, or None
+    scheme = resolve_scheme(quantization, published, is_moe=cfg.moe is not None,
+                            where=f"the checkpoint in {model_dir}", path=matmul_path)
     ckpt = SafetensorsCheckpoint(model_dir)
+    quantized = None if scheme is None else QuantizedWeights(ckpt, scheme, published, model_dir)
     if mesh is not None:
         check_divisible(cfg, mesh)
     else:
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    graphdef, state = nnx.split(abstract_model(cfg, dtype, scheme))
     flat = nnx.to_flat_state(state)
     leaves = []
     for path, var in flat:
         name = param_name(path)
-        shape = var.get_value().shape
+        shape, leaf_dtype = var.get_value().shape, var.get_value().dtype
         experts = expert_weights.handles(name)  # an MoE tensor, in one of its checkpoint layouts
+        quant = quantized is not None and quantized.handles(name, leaf_dtype)  # a quantized linear's
         sources = (expert_weights.source_shapes(name, shape, ckpt.__contains__) if experts
+                   else quantized.source_shapes(name, shape) if quant
                    else fused_weights.source_shapes(name, shape))
         for source, source_shape in sources.items():
             if source not in ckpt:
@@ -73,9 +90,15 @@ def load_model(
                     f"weight {source!r} has shape {ckpt.shape(source)} in the checkpoint in {model_dir}, "
                     f"expected {source_shape} from its config.json"
                 )
+            if not quant and ckpt.dtype(source).itemsize == 1:  # an 8-bit tensor cast to bf16 would be garbage
+                raise CheckpointError(f"weight {source!r} is {ckpt.dtype(source)} in the checkpoint in {model_dir}, "
+                                      "but the model keeps it unquantized (embeddings, norms and lm_head always are): "
+                                      "list it in quantization_config's ignore list only if it is stored unquantized")
 
-        def block(index=None, name=name, shape=shape, experts=experts) -> np.ndarray:
+        def block(index=None, name=name, shape=shape, experts=experts, quant=quant, dtype=leaf_dtype) -> np.ndarray:
             # From the memory-mapped file: a device's block is paged in when it is copied.
+            if quant:
+                return quantized.read(name, shape, index).astype(dtype, copy=False)
             if experts:
                 return expert_weights.read(name, shape, ckpt.__contains__, ckpt.__getitem__, index).astype(dtype, copy=False)
             return fused_weights.read(name, shape, ckpt.__getitem__, index).astype(dtype, copy=False)
@@ -84,13 +107,16 @@ def load_model(
             leaves.append(var.replace(jax.device_put(block(), sharding)))
         else:
             leaves.append(var.replace(jax.make_array_from_callback(
-                shape, param_sharding(name, shape, mesh), block, dtype=dtype)))
+                shape, param_sharding(name, shape, mesh), block, dtype=leaf_dtype)))
     state = nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves)])
     return nnx.merge(graphdef, state)
 
 
 def save_hf_checkpoint(model: CausalLM, out_dir: str | Path, dtype: Any = jnp.bfloat16, extra_config: dict | None = None) -> None:
     """Write config.json + model.safetensors (HF names) that transformers loads unchanged."""
+    if model.quant is not None:
+        raise ValueError("writing quantized models is not supported: save the unquantized model and load it "
+                         f"with quantization={model.quant.method!r}")
     config = hf_config_dict(model.config, dtype) | (extra_config or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,10 +164,11 @@ def save_params(model: CausalLM, path: str | Path) -> None:
         ckptr.save(Path(path).absolute(), nnx.to_pure_dict(state))
 
 
-def restore_params(cfg: ModelConfig, path: str | Path, dtype: Any = jnp.bfloat16) -> CausalLM:
+def restore_params(cfg: ModelConfig, path: str | Path, dtype: Any = jnp.bfloat16,
+                   quant: QuantScheme | None = None) -> CausalLM:
     import orbax.checkpoint as ocp
 
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    graphdef, state = nnx.split(abstract_model(cfg, dtype, quant))
     target = nnx.to_pure_dict(state)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(Path(path).absolute(), target)

@@ -10,6 +10,9 @@ from flax import nnx
 
 from models.config import ModelConfig, ModelNotFoundError, MoeConfig, RopeScaling
 from models.llama.model import CausalLM
+from models.quantization.fp8 import FP8_MAX
+from models.quantization.int8 import INT8_MAX
+from models.quantization.scheme import MatmulPath, resolve_scheme
 from models.sharding import check_divisible, state_shardings
 
 _LLAMA31_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
@@ -93,18 +96,34 @@ def model_config(model: str) -> ModelConfig:
         ) from None
 
 
-def _fill(kind: str, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+_STD = 0.02  # of the random matrices
+_CLIP = 4.0  # quantized presets: N(0, 0.02) clipped at 4 sigma, on the grid of one fixed scale
+
+
+def _fixed_scale(dtype: Any) -> float:
+    return _CLIP * _STD / (FP8_MAX if jnp.dtype(dtype) == jnp.float8_e4m3fn else INT8_MAX)
+
+
+def _fill(kind: str, key: jax.Array, shape: tuple[int, ...], dtype: Any, quant_dtype: Any = None) -> jax.Array:
+    """`quant_dtype`: the quantized weights' dtype (for "scale" and "quantized")."""
+    if kind == "scale":  # a quantized linear's per-channel scales (models.quantization.quantized_linear)
+        return jnp.full(shape, _fixed_scale(quant_dtype), dtype)
+    if kind == "quantized":
+        q = jnp.clip(jax.random.normal(key, shape, jnp.float32), -_CLIP, _CLIP) * _STD / _fixed_scale(dtype)
+        return (jnp.round(q) if jnp.dtype(dtype) == jnp.int8 else q).astype(dtype)
     if kind == "ones":
         return jnp.ones(shape, dtype)
     if kind == "zeros":
         return jnp.zeros(shape, dtype)
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return (_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def random_model(
     name_or_config: str | ModelConfig, dtype: Any = jnp.bfloat16, seed: int = 0,
     sharding: jax.sharding.Sharding | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    quantization: str | None = None,
+    matmul_path: MatmulPath | str | None = None,
 ) -> CausalLM:
     """Random weights generated on the device (nothing staged on the host): N(0, 0.02) for
     matrices, ones for norms, zeros for biases; with `mesh`, each parameter is generated
@@ -112,9 +131,16 @@ def random_model(
 
     One small jitted program per parameter shape, not one for the whole model: XLA compiles
     a whole-model init of an 8B model over two GPUs for minutes; per shape, the 32 layers
-    share a handful of programs that compile in seconds."""
+    share a handful of programs that compile in seconds.
+
+    `quantization` ("fp8", "int8"): the decoder linears hold 8-bit weights (N(0, 0.02) clipped
+    at 4 sigma, exactly on the grid of one fixed per-channel scale): the shapes and the
+    arithmetic of a quantized model, for benchmarks."""
     cfg = preset_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))
+    quant = resolve_scheme(quantization, None, is_moe=cfg.moe is not None, where=f"model {cfg.architecture}",
+                           path=matmul_path)
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: CausalLM(cfg, dtype=dtype, quant=quant, rngs=nnx.Rngs(seed))))
     if mesh is not None:
         check_divisible(cfg, mesh)
         shardings = jax.tree.leaves(state_shardings(abstract, mesh))
@@ -127,9 +153,12 @@ def random_model(
     leaves = []
     for i, ((path, leaf), shard) in enumerate(zip(paths, shardings)):
         name = jax.tree_util.keystr(path)
-        kind = "ones" if "norm" in name else "zeros" if "bias" in name else "normal"
+        kind = ("scale" if "weight_scale" in name else "ones" if "norm" in name or "input_scale" in name
+                else "zeros" if "bias" in name else "quantized" if leaf.dtype.itemsize == 1 else "normal")
         sig = (kind, leaf.shape, leaf.dtype, shard)
         if sig not in programs:
-            programs[sig] = jax.jit(functools.partial(_fill, kind, shape=leaf.shape, dtype=leaf.dtype), out_shardings=shard)
+            programs[sig] = jax.jit(functools.partial(
+                _fill, kind, shape=leaf.shape, dtype=leaf.dtype, quant_dtype=quant and quant.weight_dtype),
+                out_shardings=shard)
         leaves.append(programs[sig](jax.random.fold_in(root, i)))
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))

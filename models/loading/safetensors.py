@@ -17,6 +17,7 @@ import numpy as np
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,  # FP8 checkpoints (models.quantization.checkpoint_formats)
 }
 
 
@@ -91,6 +92,9 @@ class SafetensorsCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(_DTYPES[self._entries[name][1]["dtype"]])
 
     def __getitem__(self, name: str) -> np.ndarray:
         """A zero-copy view into the mapped file."""

@@ -80,6 +80,23 @@ def test_generate_and_client_share_sampling_flags_and_defaults():
                                                               top_k=None, seed=None, stop=None)
 
 
+def test_quantization_flags_reach_the_engine_arguments():
+    from jaxengine.config import EngineConfig
+    from serving.cli import build_parser, engine_kwargs
+
+    for command in ("generate", "serve"):
+        args = build_parser().parse_args([command, *(["x"] if command == "generate" else []), "--quantization", "fp8",
+                                          "--kv-cache-dtype", "fp8"])
+        kwargs = engine_kwargs(args)
+        assert (kwargs["quantization"], kwargs["kv_cache_dtype"]) == ("fp8", "fp8")
+        config = EngineConfig.from_kwargs(None, **kwargs)
+        assert (config.quantization, config.kv_cache_dtype) == ("fp8", "fp8")
+    unset = engine_kwargs(build_parser().parse_args(["generate", "x"]))
+    assert (unset["quantization"], unset["kv_cache_dtype"]) == (None, "auto")
+    proc = _run("generate", "x", "--quantization", "awq")
+    assert proc.returncode == 2 and "invalid choice: 'awq'" in proc.stderr and "'fp8', 'int8'" in proc.stderr
+
+
 def test_help_says_what_seed_means():
     gen, srv, cli = (_run(cmd, "--help").stdout for cmd in ("generate", "serve", "client"))
     assert "SamplingParams.seed" in " ".join(gen.split()) and "SamplingParams.seed" in " ".join(cli.split())

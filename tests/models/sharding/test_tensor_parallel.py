@@ -186,6 +186,69 @@ def test_loaded_params_are_split(checkpoint):
         np.testing.assert_array_equal(np.asarray(mine.weight[...]), np.asarray(theirs.weight[...]))
 
 
+def test_int8_same_greedy_tokens_as_one_device(checkpoint):
+    """int8 weight-only under TP 2 gives TP 1's int8 greedy tokens (the matmuls are the
+    unquantized ones on dequantized weights, as exact under TP as float32 is)."""
+    _, path, _ = checkpoint
+    assert _greedy_tokens(_new_llm(path, 2, quantization="int8")) == _greedy_tokens(_new_llm(path, 1, quantization="int8"))
+
+
+def _greedy_tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def _prompt_logprobs(llm) -> np.ndarray:
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return np.concatenate([[next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]] for o in outs])
+
+
+def test_fp8_under_tensor_parallelism_is_one_devices_fp8(checkpoint):
+    """fp8 W8A8 under TP 4 against TP 1's fp8: the per-token activation scales of the
+    row-parallel o_proj and down_proj are maxima over the split contracting axis (XLA reduces
+    them across shards; a max is exact), so what differs is float32 summation order, which
+    can tip an activation's e4m3 rounding (a jump of up to 2^-4 of that element): greedy tokens
+    are not bit-stable, so the prompt logprobs are compared. TP's difference from TP 1's fp8
+    must be a small fraction (a tenth) of fp8's own difference from the unquantized model."""
+    _, path, _ = checkpoint
+    fp8 = _prompt_logprobs(_new_llm(path, 1, quantization="fp8"))
+    quantization_error = np.abs(fp8 - _prompt_logprobs(_llm(path, 1, 1))).mean()
+    assert quantization_error > 0
+    sharding_error = np.abs(_prompt_logprobs(_new_llm(path, 4, quantization="fp8")) - fp8).mean()
+    print(f"fp8 TP 4 vs TP 1: {sharding_error:.2e}; fp8 vs unquantized: {quantization_error:.2e}")
+    assert sharding_error < 0.1 * quantization_error, (sharding_error, quantization_error)
+
+
+def test_quantized_scales_are_split_with_their_output_rows(checkpoint):
+    """A quantized linear's per-channel weight_scale [*out] is split like its weight's output
+    axis: with the rows on column-parallel layers (q/k/v, gate/up), whole on every device for
+    row-parallel ones (o, down), whose weights are split on the contracting axis."""
+    name, path, _ = checkpoint
+    cfg = CONFIGS[name]
+    tp = 8
+    model = load_model(path, jnp.float32, mesh=make_mesh(tp), quantization="fp8")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    g = cfg.num_heads // cfg.num_kv_heads
+    want = {
+        "qkv_proj": (attn.qkv_proj, P("tp", None, None, None), P("tp", None, None), (cfg.num_kv_heads // tp, g + 2, cfg.head_dim)),
+        "o_proj": (attn.o_proj, P(None, "tp"), P(None), (cfg.hidden_size,)),
+        "gate_up_proj": (mlp.gate_up_proj, P("tp", None, None), P("tp", None), (cfg.intermediate_size // tp, 2)),
+        "down_proj": (mlp.down_proj, P(None, "tp"), P(None), (cfg.hidden_size,)),
+    }
+    one = load_model(path, jnp.float32, quantization="fp8")
+    one_layer = {"qkv_proj": one.model.layers[0].self_attn.qkv_proj, "o_proj": one.model.layers[0].self_attn.o_proj,
+                 "gate_up_proj": one.model.layers[0].mlp.gate_up_proj, "down_proj": one.model.layers[0].mlp.down_proj}
+    for what, (layer, weight_spec, scale_spec, scale_shard) in want.items():
+        weight, scale = layer.weight[...], layer.weight_scale[...]
+        assert weight.dtype == jnp.float8_e4m3fn and weight.sharding.spec == weight_spec, what
+        assert scale.sharding.spec == scale_spec, what
+        assert all(s.data.shape == scale_shard for s in scale.addressable_shards), what
+        # The scales of a row come from the whole row, also where a device holds only some of its columns.
+        np.testing.assert_array_equal(np.asarray(scale), np.asarray(one_layer[what].weight_scale[...]))
+        np.testing.assert_array_equal(np.asarray(weight).astype(np.float32),
+                                      np.asarray(one_layer[what].weight[...]).astype(np.float32))
+
+
 def test_random_model_generated_in_shards():
     cfg = CONFIGS["qwen3"]
     mesh = make_mesh(8)
