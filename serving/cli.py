@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 from serving import event_loop
-from serving.event_loop import LOOPS
 
 ECHO_CHARS = 200  # `generate` echoes at most this much of a prompt: its end, which the completion continues
 
@@ -336,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="front-end processes sharing the gRPC and HTTP ports over the one engine process (vLLM's name); "
                           "one carries ~10k streamed messages/s")
     srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
-    srv.add_argument("--loop", choices=LOOPS, default="auto",
+    srv.add_argument("--loop", choices=event_loop.LOOPS, default="auto",
                      help="event loop of the servers (uvicorn's flag): auto takes uvloop where installed")
     h = srv.add_argument_group("HTTP (OpenAI-compatible API, on --host)")
     h.add_argument("--http-port", type=int, default=8000,

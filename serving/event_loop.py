@@ -31,10 +31,6 @@ def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def loop_name(factory: Callable[[], asyncio.AbstractEventLoop]) -> str:
-    return "asyncio" if factory is asyncio.new_event_loop else "uvloop"
-
-
 def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
     """asyncio.run on the chosen loop."""
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
